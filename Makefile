@@ -1,0 +1,37 @@
+# `make demo` and `make test` set everything up on a fresh machine (venv, package, data), then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.phalanx-installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup data demo test clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+# Fashion-MNIST from Debian's package, unless $PHALANX_DATA or the cache already has it.
+data:
+	@if [ -n "$$PHALANX_DATA" ] || [ -f $(FMNIST) ] || [ -f $$HOME/.cache/phalanx/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	  echo "data: Fashion-MNIST present"; \
+	else \
+	  echo "data: installing dataset-fashion-mnist"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+demo: setup
+	$(BIN)/phalanx run configs/demo.yaml --db results/demo.db
+
+test: setup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
+
+clean:
+	rm -rf results .pytest_cache

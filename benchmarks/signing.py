@@ -1,0 +1,111 @@
+"""Cost of signed updates: client signing and server verification vs one round's aggregation.
+
+For each d, an n x d float32 update matrix is signed row by row (ClientSigner.sign: SHA-256 of the
+row + ECDSA P-256) and verified by the ``verify`` layer (signature, digest, nonce, round checks).
+The baselines, timed in the same process: mean aggregation ``U.mean(0)`` and coordinate-wise
+median ``torch.median(U, 0)`` of the same matrix. Times are medians over ``--repeats``.
+
+    python benchmarks/signing.py [--dims 100000,1000000] [--repeats 5] [--n 25] [--threads 1] [--smoke]
+
+Both sides get the same thread budget (``--threads``, default 1: on a shared machine extra torch
+threads mostly measure contention).
+
+The last line is the headline: verify time of one round as a multiple of one median aggregation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from phalanx.context import simple_round_context
+from phalanx.defenses.signing import ClientSigner, KeyRegistry, Verify, row_digest, sign_updates
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median wall time of fn() in seconds, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fmt_d(d: int) -> str:
+    for unit, div in (("M", 1_000_000), ("k", 1_000)):
+        if d >= div and d % (div // 10) == 0:
+            return f"{d / div:g}{unit}"
+    return str(d)
+
+
+def measure(n: int, d: int, repeats: int, workers: int, seed: int = 0) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.randn(n, d, generator=gen)
+    ids = [f"c{i}" for i in range(n)]
+    reg = KeyRegistry()
+    signers = {cid: ClientSigner(cid, reg.generate(cid)) for cid in ids}
+    run_id = "bench"
+
+    sign = _timed(lambda: sign_updates(U, signers, ids, run_id, 0), repeats) / n
+    sha = _timed(lambda: [row_digest(U[i]) for i in range(n)], repeats) / n
+
+    batches = iter([sign_updates(U, signers, ids, run_id, 0) for _ in range(repeats + 1)])
+    w = torch.ones(n)
+
+    def verify_round():  # a fresh layer and fresh envelopes each time, so no row is a replay
+        layer = Verify(reg, run_id, workers=workers)
+        ctx = simple_round_context(U, extras={"envelopes": next(batches)})
+        _, w2, rep = layer(U, w, ctx)
+        assert not rep.reasons, rep.reasons
+
+    verify = _timed(verify_round, repeats)
+    mean = _timed(lambda: U.mean(0), repeats)
+    median = _timed(lambda: torch.median(U, 0), repeats)
+    return {"d": d, "sign": sign, "sha": sha, "verify": verify, "mean": mean, "median": median}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dims", default="100000,1000000", help="comma-separated update sizes d")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--n", type=int, default=25, help="clients per round")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for the baselines and hashing threads for verify (same budget)")
+    ap.add_argument("--smoke", action="store_true", help="tiny run (d=1000, 1 repeat)")
+    args = ap.parse_args(argv)
+    dims = [1000] if args.smoke else [int(x) for x in args.dims.split(",") if x.strip()]
+    repeats = 1 if args.smoke else max(1, args.repeats)
+    if not dims or min(dims) < 1 or args.n < 1:
+        ap.error(f"--dims and --n must be positive, got dims={args.dims!r}, n={args.n}")
+
+    if args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    rows = [measure(args.n, d, repeats, args.threads) for d in dims]
+    ms = lambda s: f"{s * 1e3:.3f}"  # noqa: E731
+    table = Table(title=f"signed updates: n={args.n}, threads={args.threads}, "
+                        f"repeats={repeats} (median)")
+    for col in ("d", "sign ms/update", "sha256 ms/update", "verify ms/update", "verify round ms",
+                "mean agg ms", "median agg ms", "verify/mean", "verify/median"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(_fmt_d(r["d"]), ms(r["sign"]), ms(r["sha"]), ms(r["verify"] / args.n),
+                      ms(r["verify"]), ms(r["mean"]), ms(r["median"]),
+                      f"{r['verify'] / r['mean']:.2f}x", f"{r['verify'] / r['median']:.2f}x")
+    console = Console(width=160)
+    console.print(table)
+    top = rows[-1]
+    print(f"verify of {args.n} updates at d={_fmt_d(top['d'])} = {top['verify'] / top['median']:.2f}x "
+          f"of one median aggregation ({top['verify'] / top['mean']:.1f}x of one mean; "
+          f"signing {top['sign'] * 1e3:.2f} ms per update)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Experiment configuration: pydantic models, YAML loading and ``--set a.b=c`` overrides.
+
+Any mistake (a misspelt key, a wrong type, an out-of-range value, an unknown attack) becomes one
+``ConfigError`` line per problem: the field, what is allowed, what was given.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, POISONS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    dataset: str = "fashion-mnist"
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller: more skew)")
+    shards_per_client: int = Field(2, ge=1)
+    train_subset: int | None = Field(None, ge=1, description="use this many training samples")
+    test_subset: int | None = Field(None, ge=1, description="evaluate on this many test samples")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        DATASETS.get(v)
+        return v
+
+
+class ModelConfig(Strict):
+    name: str = "cnn"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        MODELS.get(v)
+        return v
+
+
+class FederationConfig(Strict):
+    num_clients: int = Field(20, ge=1)
+    clients_per_round: int | None = Field(None, ge=1, description="default: all clients")
+    rounds: int = Field(30, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1, description="cap on local SGD steps per round")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    server_lr: float = Field(1.0, gt=0)
+    weighting: Literal["samples", "uniform"] = "samples"
+    eval_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _sampled(self):
+        if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
+            raise ValueError(f"clients_per_round must be <= num_clients ({self.num_clients}), "
+                             f"got {self.clients_per_round}")
+        return self
+
+
+class AttackConfig(Strict):
+    name: str | None = Field(None, description="model-poisoning attack (see `phalanx list`)")
+    params: dict[str, Any] = Field(default_factory=dict)
+    byzantine: float = Field(0, ge=0, description="number of Byzantine clients, or a fraction < 1")
+    poison: str | None = Field(None, description="data poison applied in local training")
+    poison_params: dict[str, Any] = Field(default_factory=dict)
+    rounds: Union[list[int], str, None] = Field(
+        None, description="rounds the attack is active: all (null), a list, or 'start:stop'")
+
+    @field_validator("name")
+    @classmethod
+    def _known_attack(cls, v):
+        if v is not None:
+            ATTACKS.get(v)
+        return v
+
+    @field_validator("poison")
+    @classmethod
+    def _known_poison(cls, v):
+        if v is not None:
+            POISONS.get(v)
+        return v
+
+    @field_validator("rounds")
+    @classmethod
+    def _window(cls, v):
+        if isinstance(v, str):
+            parts = v.split(":")
+            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+                raise ValueError(f"a round window must look like 'start:stop', got {v!r}")
+        return v
+
+    def active(self, rnd: int) -> bool:
+        if self.rounds is None:
+            return True
+        if isinstance(self.rounds, str):
+            a, b = (int(p) for p in self.rounds.split(":"))
+            return a <= rnd < b
+        return rnd in self.rounds
+
+
+DefenseItem = Union[str, dict[str, Union[dict[str, Any], None]]]
+
+
+class ExperimentConfig(Strict):
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    defense: list[DefenseItem] = Field(default_factory=lambda: ["mean"])
+
+    @field_validator("defense")
+    @classmethod
+    def _known_defenses(cls, items):
+        if not items:
+            raise ValueError("needs at least one stage (an aggregator such as 'mean')")
+        for item in items:
+            name, _ = defense_item(item)
+            DEFENSES.get(name)
+        return items
+
+    def num_byzantine(self) -> int:
+        b, n = self.attack.byzantine, self.federation.num_clients
+        count = round(b * n) if b < 1 else int(b)
+        if count > n:
+            raise ConfigError(f"attack.byzantine: at most num_clients ({n}), got {b}")
+        return count
+
+
+def defense_item(item: DefenseItem) -> tuple[str, dict[str, Any]]:
+    """('krum', {'f': 3}) from 'krum' or {'krum': {'f': 3}}."""
+    if isinstance(item, str):
+        return item, {}
+    if len(item) != 1:
+        raise ValueError(f"each defense entry is a name or {{name: {{params}}}}, got {item!r}")
+    (name, params), = item.items()
+    return name, dict(params or {})
+
+
+# ------------------------------------------------------------------ loading and overrides
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = ExperimentConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _format(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "config"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            lines.append(f"{path}: unknown key; allowed: {', '.join(allowed)}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        given_s = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"{path}: {msg}{given_s}")
+    return "invalid config: " + "; ".join(dict.fromkeys(lines))
+
+
+def parse_config(data: dict[str, Any]) -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.sub=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set: empty key in {item!r}")
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment (or the defaults when path is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    return parse_config(apply_overrides(data, overrides or []))

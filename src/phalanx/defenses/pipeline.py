@@ -1,0 +1,62 @@
+"""Pipeline: layers, then an aggregator, then post steps, composed into one aggregator.
+
+Like optax's chains, each stage is small and the pipeline just threads (U, w) through them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..context import RoundContext
+from ..errors import PhalanxError
+from .base import Aggregator, Layer, Post, Report
+
+
+class Pipeline(Aggregator):
+    name = "pipeline"
+
+    def __init__(self, layers: Sequence[Layer], aggregator: Aggregator, post: Sequence[Post] = ()):
+        if not isinstance(aggregator, Aggregator):
+            raise PhalanxError(f"pipeline: aggregator must be an Aggregator, got {type(aggregator).__name__}")
+        for layer in layers:
+            if not isinstance(layer, Layer):
+                raise PhalanxError(f"pipeline: every layer must be a Layer, got {type(layer).__name__}")
+        self.layers = list(layers)
+        self.aggregator = aggregator
+        self.post = list(post)
+
+    @property
+    def stages(self) -> list:
+        return [*self.layers, self.aggregator, *self.post]
+
+    def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
+        reports: list[Report] = []
+        for layer in self.layers:
+            U, w, rep = layer(U, w, ctx)
+            reports.append(rep)
+        if not bool((w > 0).any()):
+            raise PhalanxError("pipeline: every client was rejected before aggregation")
+        g, rep = self.aggregator(U, w, ctx)
+        reports.append(rep)
+        for step in self.post:
+            g, rep = step(g, ctx)
+            reports.append(rep)
+        summary = Report(self.name, n=U.shape[0], info={"stages": [r.name for r in reports]})
+        summary.info["reports"] = reports
+        for rep in reports:
+            for row, why in rep.reasons.items():
+                summary.reject(row, f"{rep.name}:{why}")
+        summary.selected = ~torch.stack([r.discarded() for r in reports if r.n == U.shape[0]]).any(0)
+        return g, summary
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"{i}:{s.name}": s.state_dict() for i, s in enumerate(self.stages)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, s in enumerate(self.stages):
+            s.load_state_dict(state.get(f"{i}:{s.name}", {}))
+
+    def __repr__(self) -> str:
+        return " -> ".join(repr(s) for s in self.stages)

@@ -1,0 +1,238 @@
+"""The round loop shared by the simulator and the networked server.
+
+One round: sample clients -> local training (malicious clients may poison their data) -> the
+update matrix U [k, d] -> the model-poisoning attack rewrites the malicious rows -> the defense
+pipeline aggregates -> ``params += server_lr * g`` -> metrics -> store.
+
+Every random draw is derived from ``(seed, round, client)``, so a run is reproducible bit for bit
+and can resume from any round with only the parameters and the stateful defenses' state.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .attacks.base import Attack
+from .config import ExperimentConfig, defense_item
+from .context import AttackContext, RoundContext
+from .data import Dataset, load_dataset, partition
+from .defenses.base import Aggregator, Layer, Post
+from .defenses.pipeline import Pipeline
+from .errors import ConfigError
+from .metrics import client_stats, detection
+from .models import build_model
+from .registry import ATTACKS, DEFENSES, POISONS
+from .training import LocalSpec, evaluate, local_update
+from .updates import flatten_params
+
+
+def build_defense(items: list, f: int = 0, num_classes: int = 10) -> Pipeline:
+    """A Pipeline from config entries: layers first, exactly one aggregator, then post steps.
+
+    ``f`` (the configured Byzantine count) is passed to every stage that takes an ``f``
+    parameter and was not given one: the usual assumption that the server knows f.
+    """
+    layers, aggs, posts = [], [], []
+    for item in items:
+        name, params = defense_item(item)
+        sig = inspect.signature(DEFENSES.get(name)).parameters
+        if "f" in sig and "f" not in params:
+            params["f"] = f
+        stage = DEFENSES.build(name, **params)
+        if isinstance(stage, Aggregator):
+            if posts:
+                raise ConfigError(f"defense: aggregator {name!r} must come before the post steps")
+            aggs.append(stage)
+        elif isinstance(stage, Layer):
+            if aggs:
+                raise ConfigError(f"defense: layer {name!r} must come before the aggregator")
+            layers.append(stage)
+        elif isinstance(stage, Post):
+            posts.append(stage)
+        else:
+            raise ConfigError(f"defense: {name!r} built a {type(stage).__name__}, not a stage")
+    if len(aggs) != 1:
+        got = ", ".join(a.name for a in aggs) or "none"
+        raise ConfigError(f"defense: needs exactly one aggregator, got {len(aggs)} ({got})")
+    return Pipeline(layers, aggs[0], posts)
+
+
+def _build_with_classes(registry, name: str, params: dict, num_classes: int):
+    params = dict(params)
+    if "num_classes" in inspect.signature(registry.get(name)).parameters:
+        params.setdefault("num_classes", num_classes)
+    return registry.build(name, **params)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    metrics: dict[str, Any]
+    clients: list[dict[str, Any]]
+    aggregate: torch.Tensor
+    report: Any
+
+
+@dataclass
+class Hooks:
+    """Extension points. Each list is called in order.
+
+    client_update(update, client_id, round) -> update: a client-side transform (DP noise, ...).
+    before_aggregate(U, ctx) -> None: may fill ``ctx.extras`` (signed envelopes, ...).
+    evaluators(params) -> dict: extra metrics at evaluation rounds (backdoor success, ...).
+    """
+
+    client_update: list[Callable] = field(default_factory=list)
+    before_aggregate: list[Callable] = field(default_factory=list)
+    evaluators: list[Callable] = field(default_factory=list)
+
+
+class Federation:
+    """A simulated federation built from an ExperimentConfig."""
+
+    def __init__(self, cfg: ExperimentConfig, dataset: Dataset | None = None, hooks: Hooks | None = None):
+        self.cfg = cfg
+        fed = cfg.federation
+        ds = dataset or load_dataset(cfg.data.dataset)
+        if cfg.data.train_subset or cfg.data.test_subset:
+            ds = ds.subset(cfg.data.train_subset, cfg.data.test_subset, seed=cfg.seed)
+        self.data = ds
+        self.parts = partition(ds.y_train, fed.num_clients, cfg.data.partition, seed=cfg.seed,
+                               **self._partition_params())
+        self.client_ids = [f"client{i:03d}" for i in range(fed.num_clients)]
+        self.num_samples = torch.tensor([len(p) for p in self.parts], dtype=torch.float32)
+        self.model = build_model(cfg.model.name, ds.in_shape, ds.num_classes, cfg.seed, **cfg.model.params)
+        self.params = flatten_params(self.model)
+        nbyz = cfg.num_byzantine()
+        order = np.random.default_rng([cfg.seed, 7]).permutation(fed.num_clients)
+        self.malicious = torch.zeros(fed.num_clients, dtype=torch.bool)
+        self.malicious[torch.from_numpy(order[:nbyz])] = True
+        self.attack: Attack | None = ATTACKS.build(cfg.attack.name, **cfg.attack.params) if cfg.attack.name else None
+        self.poison = (_build_with_classes(POISONS, cfg.attack.poison, cfg.attack.poison_params, ds.num_classes)
+                       if cfg.attack.poison else None)
+        k = fed.clients_per_round or fed.num_clients
+        self.expected_f = int(round(nbyz * k / fed.num_clients))
+        self.defense = build_defense(cfg.defense, f=self.expected_f, num_classes=ds.num_classes)
+        self.spec = LocalSpec(fed.local_epochs, fed.batch_size, fed.lr, fed.momentum, fed.weight_decay,
+                              fed.local_steps)
+        self.hooks = hooks or Hooks()
+        self.attack_history: dict[str, Any] = {}
+        self.round = 0
+
+    def _partition_params(self) -> dict[str, Any]:
+        d = self.cfg.data
+        return {"dirichlet": {"alpha": d.alpha}, "shards": {"shards_per_client": d.shards_per_client}}.get(
+            d.partition, {})
+
+    # ------------------------------------------------------------------ one round
+    def sample(self, rnd: int) -> np.ndarray:
+        fed = self.cfg.federation
+        k = fed.clients_per_round or fed.num_clients
+        if k == fed.num_clients:
+            return np.arange(k)
+        return np.sort(np.random.default_rng([self.cfg.seed, rnd, 11]).choice(fed.num_clients, k, replace=False))
+
+    def client_generator(self, rnd: int, client: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, rnd, client]).integers(2**62)))
+
+    def train_clients(self, rnd: int, chosen: np.ndarray, attacking: bool) -> tuple[torch.Tensor, list[float]]:
+        rows, losses = [], []
+        for c in chosen:
+            idx = self.parts[c]
+            poison = self.poison if (attacking and self.malicious[c]) else None
+            upd, loss = local_update(self.model, self.params, self.data.x_train[idx], self.data.y_train[idx],
+                                     self.spec, self.client_generator(rnd, int(c)), poison)
+            for hook in self.hooks.client_update:
+                upd = hook(upd, self.client_ids[c], rnd)
+            rows.append(upd)
+            losses.append(loss)
+        return torch.stack(rows), losses
+
+    def apply_attack(self, U: torch.Tensor, mal: torch.Tensor, rnd: int) -> torch.Tensor:
+        if self.attack is None or not bool(mal.any()):
+            return U
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, rnd, 13]).integers(2**62)))
+        actx = AttackContext(own=U[mal].clone(), n=U.shape[0], round=rnd, generator=gen,
+                             global_params=self.params, aggregator=self.defense, history=self.attack_history)
+        bad = self.attack(U[~mal].clone(), actx)
+        if bad.shape != (int(mal.sum()), U.shape[1]):
+            raise ConfigError(f"attack {self.cfg.attack.name!r} returned shape {tuple(bad.shape)}, "
+                              f"expected {(int(mal.sum()), U.shape[1])}")
+        U = U.clone()
+        U[mal] = bad.to(U.dtype)
+        return U
+
+    def round_context(self, rnd: int, chosen: np.ndarray) -> RoundContext:
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, rnd, 17]).integers(2**62)))
+        return RoundContext(round=rnd, client_ids=[self.client_ids[c] for c in chosen],
+                            global_params=self.params.clone(), generator=gen,
+                            num_samples=self.num_samples[torch.from_numpy(chosen)])
+
+    def run_round(self, rnd: int) -> RoundResult:
+        t0 = time.perf_counter()
+        chosen = self.sample(rnd)
+        mal = self.malicious[torch.from_numpy(chosen)]
+        attacking = self.cfg.attack.active(rnd)
+        U, losses = self.train_clients(rnd, chosen, attacking)
+        if attacking:
+            U = self.apply_attack(U, mal, rnd)
+        ctx = self.round_context(rnd, chosen)
+        for hook in self.hooks.before_aggregate:
+            hook(U, ctx)
+        w = ctx.num_samples.clone() if self.cfg.federation.weighting == "samples" else torch.ones(len(chosen))
+        t1 = time.perf_counter()
+        g, report = self.defense(U, w, ctx)
+        agg_seconds = time.perf_counter() - t1
+        self.params = self.params + self.cfg.federation.server_lr * g.to(self.params.dtype)
+        discarded = report.discarded()
+        metrics: dict[str, Any] = {"train_loss": float(np.mean(losses)), "agg_seconds": agg_seconds,
+                                   "rejected": int(discarded.sum()), "attacking": bool(attacking and mal.any()),
+                                   **detection(discarded, mal)}
+        fed = self.cfg.federation
+        if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
+            metrics.update(self.evaluate())
+        metrics["seconds"] = time.perf_counter() - t0
+        finite = torch.isfinite(U).all(1)
+        norms, cos = client_stats(torch.where(finite[:, None], U, torch.zeros_like(U)), g)
+        clients = [{"client_id": self.client_ids[c], "malicious": bool(mal[i]),
+                    "norm": float(norms[i]) if finite[i] else None, "cosine": float(cos[i]) if finite[i] else None,
+                    "weight": float(w[i]) * (0.0 if discarded[i] else 1.0),
+                    "flags": [report.reasons[i]] if i in report.reasons else []}
+                   for i, c in enumerate(chosen)]
+        self.round = rnd + 1
+        return RoundResult(rnd, metrics, clients, g, report)
+
+    def evaluate(self) -> dict[str, Any]:
+        acc, loss = evaluate(self.model, self.params, self.data.x_test, self.data.y_test)
+        out = {"accuracy": acc, "loss": loss}
+        for ev in self.hooks.evaluators:
+            out.update(ev(self.params))
+        return out
+
+    # ------------------------------------------------------------------ the whole run
+    def run(self, store=None, run_id: str | None = None, on_round: Callable | None = None,
+            cell: str | None = None) -> dict[str, Any]:
+        """Run every remaining round; log to ``store`` when given. Returns the final metrics."""
+        if store is not None and run_id is None:
+            run_id = store.start_run(self.cfg.model_dump(), self.cfg.name, self.cfg.seed, cell=cell)
+        self.run_id = run_id
+        last: dict[str, Any] = {}
+        for rnd in range(self.round, self.cfg.federation.rounds):
+            res = self.run_round(rnd)
+            last.update(res.metrics)
+            if store is not None:
+                store.log_round(run_id, rnd, res.metrics)
+                store.log_clients(run_id, rnd, res.clients)
+            if on_round is not None:
+                on_round(res)
+        final = {k: last[k] for k in ("accuracy", "loss") if k in last}
+        final.update({k: v for k, v in last.items() if k.startswith(("asr", "epsilon"))})
+        if store is not None:
+            store.finish_run(run_id, final)
+        return final

@@ -1,0 +1,147 @@
+"""Omniscient attacks: exact small cases, search correctness, determinism, and that each one
+moves a robust aggregate further from the honest mean than sign flipping of the same norm."""
+
+import math
+from statistics import NormalDist
+
+import pytest
+import torch
+
+import phalanx.attacks  # noqa: F401  (registers the attacks)
+from phalanx.attacks.adaptive import alie_z
+from phalanx.context import AttackContext
+from phalanx.errors import PhalanxError
+from phalanx.registry import ATTACKS
+
+ADAPTIVE = ["alie", "ipm", "minmax", "minsum", "fang_krum", "fang_trmean", "mimic"]
+H, M, D = 20, 5, 1000
+
+
+def make_ctx(own, n, seed=0, round=0, history=None, aggregator=None):
+    return AttackContext(own=own, n=n, round=round, generator=torch.Generator().manual_seed(seed),
+                         global_params=torch.zeros(own.shape[1]), aggregator=aggregator,
+                         history={} if history is None else history)
+
+
+def synthetic(seed=0, h=H, m=M, d=D, mean_scale=0.2):
+    """Honest rows and the attackers' own rows, all drawn N(mu, I) around a common mean mu.
+
+    Noise dominates the mean, as with stochastic gradients (|mu| = 0.2 sqrt(d), |noise| = sqrt(d)).
+    """
+    g = torch.Generator().manual_seed(seed)
+    mu = mean_scale * torch.randn(d, generator=g)
+    rows = mu + torch.randn(h + m, d, generator=g)
+    return rows[:h], rows[h:], mu
+
+
+# ---- exact small cases -------------------------------------------------------------------------
+
+def test_alie_z_by_hand():
+    # n=50, f=10: s = floor(50/2 + 1) - 10 = 16, z = Phi^-1((50 - 16)/50) = Phi^-1(0.68)
+    assert alie_z(50, 10) == pytest.approx(NormalDist().inv_cdf(0.68), abs=1e-12)
+    assert alie_z(50, 10) == pytest.approx(0.4676987991, abs=1e-9)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert alie_z(50, 10) == pytest.approx(scipy_stats.norm.ppf(0.68), abs=1e-9)
+    with pytest.raises(PhalanxError, match="got n=10, f=6"):
+        alie_z(10, 6)
+
+
+def test_alie_rows_are_mean_minus_z_std():
+    honest = torch.tensor([[1.0, 2.0], [3.0, 2.0], [5.0, 8.0]])  # mean (3, 4), std (2, sqrt(12))
+    own = torch.zeros(2, 2)
+    out = ATTACKS.build("alie")(honest, make_ctx(own, n=50))  # f = 2: s = 24, z = Phi^-1(26/50)
+    z = NormalDist().inv_cdf(26 / 50)
+    expected = torch.tensor([3.0 - 2.0 * z, 4.0 - math.sqrt(12.0) * z])
+    assert out.shape == (2, 2) and out.dtype == torch.float32
+    assert torch.allclose(out, expected.expand(2, 2), atol=1e-6)
+    fixed = ATTACKS.build("alie", z=1.5)(honest, make_ctx(own, n=50))
+    assert torch.allclose(fixed[0], torch.tensor([0.0, 4.0 - 1.5 * math.sqrt(12.0)]), atol=1e-6)
+
+
+def test_ipm_is_minus_epsilon_mean():
+    honest = torch.tensor([[1.0, -2.0, 4.0], [3.0, 0.0, 2.0]])  # mean (2, -1, 3)
+    own = torch.zeros(3, 3)
+    out = ATTACKS.build("ipm", epsilon=0.5)(honest, make_ctx(own, n=5))
+    assert torch.equal(out, torch.tensor([[-1.0, 0.5, -1.5]]).expand(3, 3))
+    assert torch.allclose(ATTACKS.build("ipm")(honest, make_ctx(own, n=5))[1],
+                          torch.tensor([-0.2, 0.1, -0.3]))
+
+
+@pytest.mark.parametrize("name", ["minmax", "minsum"])
+@pytest.mark.parametrize("perturbation", ["std", "unit", "sign"])
+def test_distance_attack_gamma_is_the_largest_feasible(name, perturbation):
+    honest, own, _ = synthetic(h=8, m=3, d=50)
+    attack = ATTACKS.build(name, perturbation=perturbation, gamma_init=0.5)  # small init: doubled
+    out = attack(honest, make_ctx(own, n=11))
+    gamma = attack.last["gamma"]
+    mu = honest.double().mean(0)
+    crafted = out[0].double()
+    p = (crafted - mu) / gamma
+
+    def cost(row):  # brute force, independently of the attack's algebra
+        d2 = ((honest.double() - row) ** 2).sum(1)
+        return d2.max() if name == "minmax" else d2.sum()
+
+    pair = torch.cdist(honest.double(), honest.double()) ** 2
+    bound = pair.max() if name == "minmax" else pair.sum(1).max()
+    assert gamma > 0.5 and torch.equal(out[0], out[2])
+    assert cost(crafted) <= bound * (1 + 1e-6)
+    assert cost(mu + (gamma + 1e-3) * p) > bound  # gamma is maximal to within the tolerance
+    if perturbation == "sign":
+        assert torch.equal(p.sign(), -mu.sign())
+
+
+def test_fang_trmean_values_lie_beyond_the_honest_extremes():
+    honest, own, _ = synthetic(h=10, m=4, d=300)
+    out = ATTACKS.build("fang_trmean", b=3.0)(honest, make_ctx(own, n=14))
+    up = honest.mean(0) >= 0  # the estimated change is upward: the attack goes below the minimum
+    lo, hi = honest.min(0).values, honest.max(0).values
+    assert (out[:, up] <= lo[up]).all() and (out[:, ~up] >= hi[~up]).all()
+    e = torch.where(up, lo, hi)
+    ratio = out / e  # the paper's interval: between e and e*b or e/b
+    assert ((ratio >= 1 / 3.0 - 1e-6) & (ratio <= 3.0 + 1e-6)).all()
+    assert not torch.equal(out[0], out[1])  # independent draws per attacker
+
+
+def test_mimic_fixed_target_and_heuristic():
+    honest, own, _ = synthetic(h=6, m=2, d=40)
+    out = ATTACKS.build("mimic", target=4)(honest, make_ctx(own, n=8))
+    assert torch.equal(out, honest[4].expand(2, 40))
+    with pytest.raises(PhalanxError, match="target must be < h=6"):
+        ATTACKS.build("mimic", target=6)(honest, make_ctx(own, n=8))
+    spread = honest.clone()
+    spread[3] += 6.0  # row 3 sits far out along one direction: the top principal direction
+    history = {}
+    attack = ATTACKS.build("mimic")
+    assert torch.equal(attack(spread, make_ctx(own, n=8, history=history))[1], spread[3])
+    later = honest.clone()
+    later[0] += 6.0  # after warmup the choice stays fixed
+    assert attack(later, make_ctx(own, n=8, round=1, history=history)).equal(later[3].expand(2, 40))
+    assert attack.last == {"target": 3}
+
+
+# ---- generic properties --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_shape_dtype_determinism(name):
+    honest, own, _ = synthetic(h=12, m=3, d=64)
+    attack = ATTACKS.build(name)
+    assert attack.omniscient
+    a = attack(honest.double(), make_ctx(own, n=15, seed=3))
+    b = attack(honest.double(), make_ctx(own, n=15, seed=3))
+    assert a.shape == (3, 64) and a.dtype == torch.float32
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,params,needle", [
+    ("alie", {"variant": "best"}, "variant"), ("alie", {"z": "x"}, "z"),
+    ("alie", {"z": 1.0, "variant": "optimal"}, "give either z"), ("alie", {"steps": 1}, "steps"),
+    ("ipm", {"epsilon": -1}, "epsilon"), ("minmax", {"perturbation": "mean"}, "perturbation"),
+    ("minsum", {"gamma_init": 0}, "gamma_init"), ("minmax", {"tol": -1e-5}, "tol"),
+    ("fang_krum", {"threshold": 0}, "threshold"), ("fang_krum", {"f": -1}, "f"),
+    ("fang_trmean", {"b": 1.0}, "b"), ("mimic", {"target": -1}, "target"),
+    ("mimic", {"warmup": 0.5}, "warmup"),
+])
+def test_bad_parameters_are_named(name, params, needle):
+    with pytest.raises(PhalanxError, match=f"{name}: {needle}.*got"):
+        ATTACKS.build(name, **params)
