@@ -27,7 +27,7 @@ def mlp(in_shape=(1, 28, 28), num_classes: int = 10, hidden: int = 128) -> nn.Mo
 
 
 @MODELS.register("cnn")
-def cnn(in_shape=(1, 28, 28), num_classes: int = 10, width: int = 32) -> nn.Module:
+def cnn(in_shape=(1, 28, 28), num_classes: int = 10, width: int = 8) -> nn.Module:
     """Small CNN: two conv + max-pool blocks and two dense layers (as in McMahan et al. 2017, slimmer)."""
     c, h, w = in_shape
     flat = 2 * width * (h // 4) * (w // 4)

@@ -103,13 +103,13 @@ def _farthest(sim: _Simulator, make, grid: torch.Tensor, mu: torch.Tensor) -> fl
 
 def _check_search(name: str, variant: str, aggregator: str, f, steps: int) -> None:
     check_choice(name, "variant", variant, ("paper", "optimal"))
+    if f is not None:
+        check_int(name, "f", f)
+    check_int(name, "steps", steps, minimum=2)
     if not isinstance(aggregator, str):
         raise PhalanxError(f"{name}: aggregator must be a registered defense name, got {aggregator!r}")
     if variant == "optimal":
         DEFENSES.get(aggregator)  # unknown names fail now, listing what exists
-    if f is not None:
-        check_int(name, "f", f)
-    check_int(name, "steps", steps, minimum=2)
 
 
 # ---- ALIE and IPM ----------------------------------------------------------------------------
@@ -170,13 +170,13 @@ def alie(z: float | None = None, variant: str = "paper", aggregator: str = "medi
          f: int | None = None, z_max: float = 5.0, steps: int = 26) -> Attack:
     """ALIE: mean - z*std. z: explicit value; else variant "paper" (z from n and f, Baruch et al.)
     or "optimal" (grid search of z in [0, z_max] maximizing the simulated aggregate's deviation)."""
-    _check_search("alie", variant, aggregator, f, steps)
     if z is not None:
         check_number("alie", "z", z)
         if variant == "optimal":
             raise PhalanxError("alie: give either z or variant='optimal', not both; got "
                                f"z={z!r}, variant='optimal'")
     check_number("alie", "z_max", z_max, positive=True)
+    _check_search("alie", variant, aggregator, f, steps)
     return ALIE(None if z is None else float(z), variant, aggregator, f, float(z_max), steps)
 
 
@@ -185,9 +185,9 @@ def ipm(epsilon: float = 0.1, variant: str = "paper", aggregator: str = "median"
         f: int | None = None, eps_max: float = 10.0, steps: int = 41) -> Attack:
     """IPM: -epsilon * honest mean. variant "paper" uses epsilon; "optimal" grid-searches epsilon
     in [0, eps_max] to maximize the simulated aggregate's deviation."""
-    _check_search("ipm", variant, aggregator, f, steps)
     check_number("ipm", "epsilon", epsilon, positive=True)
     check_number("ipm", "eps_max", eps_max, positive=True)
+    _check_search("ipm", variant, aggregator, f, steps)
     return IPM(float(epsilon), variant, aggregator, f, float(eps_max), steps)
 
 
@@ -351,11 +351,11 @@ def fang_krum(aggregator: str = "krum", f: int | None = None, threshold: float =
     """Fang et al. (2020) attack on Krum; the server simulated with DEFENSES.build(aggregator, f)."""
     if not isinstance(aggregator, str):
         raise PhalanxError(f"fang_krum: aggregator must be a registered defense name, got {aggregator!r}")
-    DEFENSES.get(aggregator)
     if f is not None:
         check_int("fang_krum", "f", f)
     check_number("fang_krum", "threshold", threshold, positive=True)
     check_number("fang_krum", "eps", eps, nonneg=True)
+    DEFENSES.get(aggregator)  # unknown names fail now, listing what exists
     return FangKrum(aggregator, f, float(threshold), float(eps))
 
 

@@ -1,0 +1,335 @@
+"""Signed updates: canonical bytes, envelopes, the key registry and every rejection of the verify layer."""
+
+import dataclasses
+import hashlib
+import json
+import sqlite3
+import stat
+import struct
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from phalanx.context import simple_round_context
+from phalanx.defenses.base import Aggregator, Report
+from phalanx.defenses.pipeline import Pipeline
+from phalanx.defenses.signing import (MAGIC, REASONS, ClientSigner, Envelope, KeyRegistry, Verify,
+                                      canonical_bytes, load_private_key, row_digest, sign_updates)
+from phalanx.errors import DataError, IntegrityError, PhalanxError
+from phalanx.registry import DEFENSES
+
+RUN, RND, D = "run-1", 5, 16
+HONEST = ["h0", "h1", "h2"]
+
+
+@pytest.fixture
+def world():
+    reg = KeyRegistry()
+    ids = HONEST + ["f", "t", "e", "i", "r", "s", "w", "m", "x"]
+    signers = {c: ClientSigner(c, reg.generate(c)) for c in ids}
+    return reg, signers
+
+
+def _honest(signers, rnd=RND, seed=0):
+    U = torch.randn(len(HONEST), D, generator=torch.Generator().manual_seed(seed + rnd))
+    return U, sign_updates(U, signers, HONEST, RUN, rnd)
+
+
+def _run(layer, U, envs, ids, rnd=RND):
+    ctx = simple_round_context(U, round=rnd, extras={"envelopes": envs})
+    ctx.client_ids = list(ids)
+    return layer(U, torch.ones(len(ids)), ctx)
+
+
+def _kept_mean(U, w):
+    return (w[:, None] * U).sum(0) / w.sum()
+
+
+# --------------------------------------------------------------- canonical bytes and envelopes
+def test_canonical_bytes_are_little_endian_float32_whatever_the_input():
+    want = struct.pack("<3f", 1.0, -2.5, 0.1)
+    assert canonical_bytes(torch.tensor([1.0, -2.5, 0.1])) == want
+    assert canonical_bytes(np.array([1.0, -2.5, 0.1], dtype=">f8")) == want
+    M = torch.tensor([[1.0, 9.0], [-2.5, 9.0], [0.1, 9.0]])
+    assert canonical_bytes(M[:, 0]) == want  # a non-contiguous column
+    assert row_digest(M[:, 0]) == hashlib.sha256(want).hexdigest()
+    with pytest.raises(PhalanxError, match=r"expected a 1-D vector \[d\], got shape \(3, 2\)"):
+        row_digest(M)
+
+
+def test_envelope_message_is_fixed_order_json_and_round_trips():
+    env = Envelope("c0", "r", 3, "ab" * 16, "cd" * 32, b"s" * 70)
+    body = '{"client_id":"c0","digest":"' + "cd" * 32 + '","nonce":"' + "ab" * 16 + '","round":3,"run_id":"r"}'
+    assert env.message() == MAGIC + body.encode()
+    assert Envelope.from_dict(json.loads(json.dumps(env.to_dict()))) == env
+    with pytest.raises(IntegrityError, match="expected keys"):
+        Envelope.from_dict({"client_id": "c0"})
+
+
+def test_signer_makes_fresh_nonces_and_checks_its_inputs(world):
+    reg, signers = world
+    row = torch.ones(D)
+    a, b = signers["h0"].sign(row, RUN, 0), signers["h0"].sign(row, RUN, 0)
+    assert a.nonce != b.nonce and len(a.nonce) == 32 and a.digest == b.digest and a.problem() is None
+    with pytest.raises(PhalanxError, match="round must be an integer >= 0, got -1"):
+        signers["h0"].sign(row, RUN, -1)
+    with pytest.raises(IntegrityError, match="expected an EC P-256"):
+        ClientSigner("z", ec.generate_private_key(ec.SECP384R1()))
+
+
+# --------------------------------------------------------------- each rejection reason
+def _forged(reg, s, row):
+    return "f", row, ClientSigner("f", ec.generate_private_key(ec.SECP256R1())).sign(row, RUN, RND)
+
+
+def _tampered(reg, s, row):
+    env = s["t"].sign(row, RUN, RND)
+    row = row.clone()
+    row[3] += 1e-3
+    return "t", row, env
+
+
+def _relabelled_round(reg, s, row):  # metadata changed after signing
+    return "t", row, dataclasses.replace(s["t"].sign(row, RUN, RND - 1), round=RND)
+
+
+def _impersonation(reg, s, row):  # the row comes from "i" but carries e's signed envelope
+    return "i", row, s["e"].sign(row, RUN, RND)
+
+
+def _unknown(reg, s, row):
+    return "u", row, ClientSigner("u", ec.generate_private_key(ec.SECP256R1())).sign(row, RUN, RND)
+
+
+def _revoked(reg, s, row):
+    reg.revoke("r")
+    return "r", row, s["r"].sign(row, RUN, RND)
+
+
+def _stale(reg, s, row):
+    return "s", row, s["s"].sign(row, RUN, RND - 2)
+
+
+def _future(reg, s, row):
+    return "s", row, s["s"].sign(row, RUN, RND + 1)
+
+
+def _wrong_run(reg, s, row):
+    return "w", row, s["w"].sign(row, "another-run", RND)
+
+
+def _missing(reg, s, row):
+    return "m", row, None
+
+
+def _bad_nonce(reg, s, row):
+    return "x", row, dataclasses.replace(s["x"].sign(row, RUN, RND), nonce="xyz")
+
+
+def _str_signature(reg, s, row):
+    return "x", row, dataclasses.replace(s["x"].sign(row, RUN, RND), signature="00" * 70)
+
+
+def _bool_round(reg, s, row):
+    return "x", row, dataclasses.replace(s["x"].sign(row, RUN, RND), round=True)
+
+
+def _garbage(reg, s, row):
+    return "x", row, "not an envelope"
+
+
+def _bad_dict(reg, s, row):
+    d = s["x"].sign(row, RUN, RND).to_dict()
+    d["signature"] = "zz"
+    return "x", row, d
+
+
+CASES = [(_forged, "bad_signature"), (_tampered, "digest_mismatch"), (_relabelled_round, "bad_signature"),
+         (_impersonation, "impersonation"), (_unknown, "unknown_client"), (_revoked, "revoked_client"),
+         (_stale, "stale_round"), (_future, "stale_round"), (_wrong_run, "wrong_run"),
+         (_missing, "missing_signature"), (_bad_nonce, "malformed_envelope"),
+         (_str_signature, "malformed_envelope"), (_bool_round, "malformed_envelope"),
+         (_garbage, "malformed_envelope"), (_bad_dict, "malformed_envelope")]
+
+
+@pytest.mark.parametrize("craft,reason", CASES, ids=[c.__name__.strip("_") for c, _ in CASES])
+def test_each_bad_envelope_is_rejected_with_its_reason(world, craft, reason):
+    reg, signers = world
+    U, envs = _honest(signers)
+    cid, row, env = craft(reg, signers, torch.full((D,), 50.0))
+    U2 = torch.cat([U, row[None]])
+    out, w, rep = _run(Verify(reg, RUN, max_round_lag=1), U2, envs + [env], HONEST + [cid])
+    assert out is U2
+    assert rep.reasons == {3: reason} and reason in REASONS
+    assert w.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert rep.selected.tolist() == [True, True, True, False]
+    torch.testing.assert_close(_kept_mean(U2, w), U.mean(0))
+
+
+def test_all_attacks_in_one_round_leave_only_the_honest_mean(world):
+    reg, signers = world
+    U, envs = _honest(signers)
+    rows, ids, bad = [U], list(HONEST), []
+    for k, (craft, _) in enumerate(CASES):
+        cid, row, env = craft(reg, signers, torch.full((D,), 10.0 + k))
+        rows.append(row[None])
+        ids.append(cid)
+        bad.append(env)
+    # same-round replay: h1's envelope and row sent a second time
+    rows.append(U[1:2].clone())
+    ids.append("h1")
+    bad.append(envs[1])
+    U2 = torch.cat(rows)
+    _, w, rep = _run(Verify(reg, RUN, max_round_lag=1), U2, envs + bad, ids)
+    want = {3 + k: reason for k, (_, reason) in enumerate(CASES)} | {len(ids) - 1: "replayed_nonce"}
+    assert rep.reasons == want
+    assert w[:3].tolist() == [1.0] * 3 and not w[3:].any()
+    torch.testing.assert_close(_kept_mean(U2, w), U.mean(0))
+    assert rep.info["accepted"] == 3 and rep.info["rejected"] == len(ids) - 3
+
+
+def test_pipeline_mean_after_verify_equals_the_honest_mean(world):
+    class Mean(Aggregator):
+        name = "mean"
+
+        def __call__(self, U, w, ctx):
+            return _kept_mean(U, w), Report(self.name, n=U.shape[0])
+
+    reg, signers = world
+    U, envs = _honest(signers)
+    cid, row, env = _forged(reg, signers, torch.full((D,), 1e6))
+    U2 = torch.cat([U, row[None]])
+    ctx = simple_round_context(U2, round=RND, extras={"envelopes": envs + [env]})
+    ctx.client_ids = HONEST + [cid]
+    g, rep = Pipeline([DEFENSES.build("verify", registry=reg, run_id=RUN)], Mean())(U2, torch.ones(4), ctx)
+    torch.testing.assert_close(g, U.mean(0))
+    assert rep.reasons == {3: "verify:bad_signature"}
+
+
+# --------------------------------------------------------------- replay across rounds and resumes
+def test_replay_in_a_later_round(world):
+    reg, signers = world
+    U, envs = _honest(signers)
+    for lag, reason in ((1, "replayed_nonce"), (0, "stale_round")):
+        layer = Verify(reg, RUN, max_round_lag=lag)
+        assert not _run(layer, U, envs, HONEST)[2].reasons
+        U6, envs6 = _honest(signers, rnd=RND + 1)
+        U6[1], envs6[1] = U[1], envs[1]  # h1's round-5 message replayed in round 6
+        _, w, rep = _run(layer, U6, envs6, HONEST, rnd=RND + 1)
+        assert rep.reasons == {1: reason} and w.tolist() == [1.0, 0.0, 1.0]
+    # once outside the window the old envelope is stale (and its nonce is forgotten)
+    _, _, rep = _run(layer, U, envs, HONEST, rnd=RND + 3)
+    assert set(rep.reasons.values()) == {"stale_round"}
+
+
+def test_state_dict_keeps_nonces_so_a_resume_blocks_replays(world):
+    reg, signers = world
+    U, envs = _honest(signers)
+    first = Verify(reg, RUN, max_round_lag=1)
+    _run(first, U, envs, HONEST)
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoints may go through JSON
+    resumed = Verify(reg, RUN, max_round_lag=1)
+    resumed.load_state_dict(state)
+    for rnd in (RND, RND + 1):
+        _, w, rep = _run(resumed, U, envs, HONEST, rnd=rnd)
+        assert set(rep.reasons.values()) == {"replayed_nonce"} and not w.any()
+    fresh = Verify(reg, RUN, max_round_lag=1)  # control: without the state the replay would pass
+    assert not _run(fresh, U, envs, HONEST)[2].reasons
+    with pytest.raises(PhalanxError, match="state is for run_id 'run-1', expected .* 'other'"):
+        Verify(reg, "other").load_state_dict(state)
+    with pytest.raises(PhalanxError, match="state must have keys"):
+        resumed.load_state_dict({"nonce": []})
+    resumed.load_state_dict({})  # an empty state (a fresh pipeline slot) is a no-op
+
+
+def test_layer_never_raises_on_bad_envelope_lists(world):
+    reg, signers = world
+    U, envs = _honest(signers)
+    layer = Verify(reg, RUN)
+    for extras, reason in (({}, "missing_signature"), ({"envelopes": envs[:2]}, "malformed_envelope"),
+                           ({"envelopes": 7}, "malformed_envelope"), ({"envelopes": "abc"}, "malformed_envelope")):
+        ctx = simple_round_context(U, round=RND, extras=extras)
+        ctx.client_ids = list(HONEST)
+        _, w, rep = layer(U, torch.ones(3), ctx)
+        assert set(rep.reasons.values()) == {reason} and not w.any()
+    with pytest.raises(PhalanxError, match="expected U \\[n, d\\], w \\[n\\] and n client ids"):
+        layer(U, torch.ones(2), simple_round_context(U))
+
+
+def test_factory_checks_parameters(world, tmp_path):
+    reg, _ = world
+    with pytest.raises(PhalanxError, match="max_round_lag must be an integer >= 0, got -1"):
+        DEFENSES.build("verify", registry=reg, run_id=RUN, max_round_lag=-1)
+    with pytest.raises(PhalanxError, match="run_id must be a non-empty string"):
+        DEFENSES.build("verify", registry=reg, run_id="")
+    with pytest.raises(PhalanxError, match="expected an existing folder .* got missing path"):
+        DEFENSES.build("verify", registry=str(tmp_path / "nope"), run_id=RUN)
+
+
+# --------------------------------------------------------------- the key registry
+def _same(a: KeyRegistry, b: KeyRegistry):
+    return [(r.client_id, r.fingerprint, r.revoked, r.created) for r in a.list()] == \
+           [(r.client_id, r.fingerprint, r.revoked, r.created) for r in b.list()]
+
+
+def test_registry_round_trip_through_pem_folder_and_sqlite(tmp_path):
+    reg = KeyRegistry(dir=tmp_path / "keys")
+    priv = {c: reg.generate(c) for c in ("a", "b", "c")}
+    reg.revoke("b")
+    for c in priv:
+        key_file = tmp_path / "keys" / f"{c}.key.pem"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert (tmp_path / "keys" / f"{c}.pub.pem").read_text().startswith("-----BEGIN PUBLIC KEY")
+    again = KeyRegistry.open(tmp_path / "keys")
+    assert _same(reg, again) and [r.revoked for r in again.list()] == [False, True, False]
+
+    db = tmp_path / "keys.db"
+    reg.save_sqlite(db)
+    with sqlite3.connect(db) as con:
+        cols = [r[1] for r in con.execute("PRAGMA table_info(client_keys)")]
+    assert cols == ["client_id", "public_pem", "revoked", "created"]
+    from_db = KeyRegistry.open(db)
+    assert _same(reg, from_db)
+    assert _same(reg, from_db.save_dir(tmp_path / "copy"))
+
+    # a private key read back from disk signs updates that the SQLite registry accepts
+    signer = ClientSigner("a", load_private_key(tmp_path / "keys" / "a.key.pem"))
+    U = torch.randn(1, D)
+    ctx = simple_round_context(U, extras={"envelopes": [signer.sign(U[0], RUN, 0)]})
+    ctx.client_ids = ["a"]
+    assert not Verify(str(db), RUN)(U, torch.ones(1), ctx)[2].reasons
+
+
+@pytest.mark.parametrize("backend", ["dir", "db"])
+def test_revocation_on_disk_reaches_a_running_layer(tmp_path, backend):
+    path = tmp_path / ("keys" if backend == "dir" else "keys.db")
+    reg = KeyRegistry(**{backend: path})
+    signer = ClientSigner("a", reg.generate("a", private_dir=tmp_path))
+    layer = Verify(str(path), RUN, max_round_lag=1)
+    U = torch.randn(1, D)
+    for rnd, want in ((0, {}), (1, {0: "revoked_client"})):
+        ctx = simple_round_context(U, round=rnd, extras={"envelopes": [signer.sign(U[0], RUN, rnd)]})
+        ctx.client_ids = ["a"]
+        assert layer(U, torch.ones(1), ctx)[2].reasons == want
+        KeyRegistry.open(path).revoke("a")  # e.g. `phalanx keys revoke a` between rounds
+
+
+def test_registry_errors_are_clear(tmp_path):
+    reg = KeyRegistry(dir=tmp_path / "k")
+    reg.generate("a")
+    with pytest.raises(PhalanxError, match="client 'a' already has a key"):
+        reg.generate("a")
+    with pytest.raises(PhalanxError, match="client_id: expected .* got '../evil'"):
+        reg.generate("../evil")
+    with pytest.raises(PhalanxError, match="revoke: unknown client 'zz'; known: a"):
+        reg.revoke("zz")
+    (tmp_path / "k" / "b.pub.pem").write_text("garbage")
+    with pytest.raises(IntegrityError, match="b.pub.pem: expected a PEM public key"):
+        KeyRegistry.open(tmp_path / "k")
+    (tmp_path / "bad.db").write_bytes(b"not a database at all" * 10)
+    with pytest.raises(DataError, match="expected a SQLite file with table client_keys"):
+        KeyRegistry.open(tmp_path / "bad.db")
+    with pytest.raises(PhalanxError, match="expected dir or db, got both"):
+        KeyRegistry(dir=tmp_path / "k", db=tmp_path / "x.db")
