@@ -36,9 +36,13 @@ def fmt(v, digits: int = 4) -> str:
 def run(config: Path = typer.Argument(..., help="experiment YAML"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="override a field: key.sub=value"),
         db: Path = typer.Option(Path("results/phalanx.db"), help="SQLite results store"),
-        quiet: bool = typer.Option(False, "--quiet", help="no per-round lines")):
+        quiet: bool = typer.Option(False, "--quiet", help="no per-round lines"),
+        checkpoint: Optional[Path] = typer.Option(
+            None, help="checkpoint file, saved every round (default: beside the store)"),
+        resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint after a kill")):
     """Run one experiment, with a progress bar and a final summary table."""
     import phalanx  # noqa: F401  (registers everything)
+    from .checkpoint import load_checkpoint
     from .config import load_config
     from .federation import Federation
     from .store import Store
@@ -47,11 +51,17 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
         cfg = load_config(config, set_ or [])
         fedn = Federation(cfg)
         store = Store(db)
+        checkpoint = checkpoint or db.parent / "checkpoints" / f"{cfg.name}-seed{cfg.seed}.pt"
+        if not resume and checkpoint.exists():
+            checkpoint.unlink()
+        elif resume and not checkpoint.exists():
+            fail(f"--resume: no checkpoint at {checkpoint}")
         rounds = cfg.federation.rounds
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=False) as bar:
-            task = bar.add_task(cfg.name, total=rounds, acc="")
+            start = load_checkpoint(checkpoint)["round"] if resume else 0
+            task = bar.add_task(cfg.name, total=rounds, acc="", completed=start)
 
             def on_round(res):
                 m = res.metrics
@@ -64,7 +74,7 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
                                           f"({m['seconds']:.1f}s)", highlight=False)
                 bar.advance(task)
 
-            final = fedn.run(store, on_round=on_round)
+            final = fedn.run(store, on_round=on_round, checkpoint=checkpoint)
         summary(cfg, final, fedn.run_id, db)
     except PhalanxError as e:
         fail(str(e))

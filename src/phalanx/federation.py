@@ -13,12 +13,14 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .attacks.base import Attack
+from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .config import ExperimentConfig, defense_item
 from .context import AttackContext, RoundContext
 from .data import Dataset, load_dataset, partition
@@ -35,6 +37,9 @@ from .updates import flatten_params
 def build_defense(items: list, f: int = 0, num_classes: int = 10) -> Pipeline:
     """A Pipeline from config entries: layers first, exactly one aggregator, then post steps.
 
+    A layer marked ``anywhere`` (reputation) may also be listed after the aggregator; it still
+    runs before it and learns from its output.
+
     ``f`` (the configured Byzantine count) is passed to every stage that takes an ``f``
     parameter and was not given one: the usual assumption that the server knows f.
     """
@@ -50,7 +55,7 @@ def build_defense(items: list, f: int = 0, num_classes: int = 10) -> Pipeline:
                 raise ConfigError(f"defense: aggregator {name!r} must come before the post steps")
             aggs.append(stage)
         elif isinstance(stage, Layer):
-            if aggs:
+            if aggs and not getattr(stage, "anywhere", False):
                 raise ConfigError(f"defense: layer {name!r} must come before the aggregator")
             layers.append(stage)
         elif isinstance(stage, Post):
@@ -217,8 +222,19 @@ class Federation:
 
     # ------------------------------------------------------------------ the whole run
     def run(self, store=None, run_id: str | None = None, on_round: Callable | None = None,
-            cell: str | None = None) -> dict[str, Any]:
-        """Run every remaining round; log to ``store`` when given. Returns the final metrics."""
+            cell: str | None = None, checkpoint: str | Path | None = None) -> dict[str, Any]:
+        """Run every remaining round; log to ``store`` when given. Returns the final metrics.
+
+        With ``checkpoint`` (a file path), the state is saved atomically after every round, and
+        a run whose checkpoint exists resumes from it (same config required).
+        """
+        if checkpoint is not None and Path(checkpoint).is_file():
+            state = load_checkpoint(checkpoint)
+            restore(self, state)
+            run_id = run_id or state["run_id"]
+            if store is not None and run_id is not None:
+                store.truncate_after(run_id, self.round - 1)
+                store.log_event(run_id, self.round, "resumed", {"from_round": self.round})
         if store is not None and run_id is None:
             run_id = store.start_run(self.cfg.model_dump(), self.cfg.name, self.cfg.seed, cell=cell)
         self.run_id = run_id
@@ -229,8 +245,13 @@ class Federation:
             if store is not None:
                 store.log_round(run_id, rnd, res.metrics)
                 store.log_clients(run_id, rnd, res.clients)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, self, run_id)
             if on_round is not None:
                 on_round(res)
+        if not last and store is not None and run_id is not None:  # resumed after the last round
+            rounds = store.read_run(run_id).rounds
+            last = rounds[-1] if rounds else {}
         final = {k: last[k] for k in ("accuracy", "loss") if k in last}
         final.update({k: v for k, v in last.items() if k.startswith(("asr", "epsilon"))})
         if store is not None:

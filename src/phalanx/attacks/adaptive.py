@@ -90,10 +90,11 @@ class _Simulator:
                 self.agg.load_state_dict(copy.deepcopy(self.state))
 
 
-def _farthest(sim: _Simulator, make, grid: torch.Tensor, mu: torch.Tensor) -> float:
-    """The grid value whose crafted rows push the simulated aggregate farthest from ``mu``."""
-    best, best_dist = float(grid[0]), -1.0
-    for value in grid.tolist():
+def _farthest(sim: _Simulator, make, top: float, steps: int, mu: torch.Tensor) -> float:
+    """The value in linspace(0, top, steps) whose crafted rows push the simulated aggregate
+    farthest from ``mu`` (the first such value on ties)."""
+    best, best_dist = 0.0, -1.0
+    for value in torch.linspace(0, top, steps, dtype=torch.float64).tolist():
         g, _ = sim(make(value))
         dist = float((g.double() - mu.double()).norm())
         if dist > best_dist:
@@ -133,7 +134,7 @@ class ALIE(Attack):
             z = alie_z(ctx.n, ctx.m)
         else:
             sim = _Simulator(_server(self.name, self.aggregator, self.f, ctx), honest.float(), ctx.m, ctx)
-            z = _farthest(sim, make, torch.linspace(0, self.z_max, self.steps), B.mean(0))
+            z = _farthest(sim, make, self.z_max, self.steps, mu)
         self.last = {"z": z}
         return make(z)
 
@@ -157,7 +158,7 @@ class IPM(Attack):
         eps = self.epsilon
         if self.variant == "optimal":
             sim = _Simulator(_server(self.name, self.aggregator, self.f, ctx), honest.float(), ctx.m, ctx)
-            eps = _farthest(sim, make, torch.linspace(0, self.eps_max, self.steps), mu)
+            eps = _farthest(sim, make, self.eps_max, self.steps, mu)
         self.last = {"epsilon": eps}
         return make(eps)
 

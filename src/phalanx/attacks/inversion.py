@@ -268,7 +268,7 @@ def _adam_signed(objective: Callable, x: torch.Tensor, steps: int, step_size: fl
 def invert(model: nn.Module, target, attack: str = "idlg", batch_size: int = 1, *,
            in_shape=(1, 28, 28), steps: int | None = None, restarts: int | None = None, seed: int = 0,
            update_kind: str = "gradient", local_steps: int = 1, lr: float = 0.1,
-           simulate: bool = True, labels: torch.Tensor | None = None, tv: float = 1e-2,
+           simulate: bool = True, labels: torch.Tensor | None = None, tv: float = 1e-4,
            step_size: float = 0.1, ignore_zeros: bool = False, stop_below: float = 1e-6) -> InversionResult:
     """Reconstruct ``batch_size`` inputs of shape ``in_shape`` from ``target``.
 

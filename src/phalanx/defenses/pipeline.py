@@ -33,22 +33,34 @@ class Pipeline(Aggregator):
 
     def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
         reports: list[Report] = []
+        seen: list[tuple[Layer, torch.Tensor, torch.Tensor, int]] = []
         for layer in self.layers:
+            if hasattr(layer, "observe"):
+                seen.append((layer, U, w, len(reports)))
             U, w, rep = layer(U, w, ctx)
             reports.append(rep)
-        if not bool((w > 0).any()):
-            raise PhalanxError("pipeline: every client was rejected before aggregation")
-        g, rep = self.aggregator(U, w, ctx)
-        reports.append(rep)
-        for step in self.post:
-            g, rep = step(g, ctx)
+        skipped = not bool((w > 0).any())
+        if skipped:  # nobody left: the round makes no step, and says so
+            g = torch.zeros(U.shape[1], dtype=U.dtype)
+        else:
+            g, rep = self.aggregator(U, w, ctx)
             reports.append(rep)
-        summary = Report(self.name, n=U.shape[0], info={"stages": [r.name for r in reports]})
+            for step in self.post:
+                g, rep = step(g, ctx)
+                reports.append(rep)
+        summary = Report(self.name, n=U.shape[0], info={"stages": [r.name for r in reports], "skipped": skipped})
         summary.info["reports"] = reports
         for rep in reports:
             for row, why in rep.reasons.items():
                 summary.reject(row, f"{rep.name}:{why}")
         summary.selected = ~torch.stack([r.discarded() for r in reports if r.n == U.shape[0]]).any(0)
+        for layer, U_in, w_in, own in seen:  # feedback: stateful layers learn from the aggregate
+            rejected = torch.zeros(U.shape[0], dtype=torch.bool)
+            for k, rep in enumerate(reports):
+                if k != own:
+                    for row in rep.reasons:
+                        rejected[row] = True
+            layer.observe(U_in, w_in, g, ctx, rejected)
         return g, summary
 
     def state_dict(self) -> dict[str, Any]:

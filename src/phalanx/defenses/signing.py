@@ -26,7 +26,6 @@ import os
 import re
 import secrets
 import sqlite3
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, replace
@@ -189,8 +188,9 @@ def write_private_key(path: str | Path, key: ec.EllipticCurvePrivateKey, overwri
     return path
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+def _now(ts: float | None = None) -> str:
+    t = datetime.now(timezone.utc) if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+    return t.replace(microsecond=0).isoformat()
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -223,8 +223,7 @@ class KeyRegistry:
                  create: bool = True):
         if dir is not None and db is not None:
             raise PhalanxError(f"key registry: expected dir or db, got both ({dir}, {db})")
-        self.dir = Path(dir) if dir is not None else None
-        self.db = Path(db) if db is not None else None
+        self.dir, self.db = (Path(p) if p is not None else None for p in (dir, db))
         self._records: dict[str, KeyRecord] = {}
         self._stamp: Any = None
         store = self.dir or self.db
@@ -248,7 +247,6 @@ class KeyRegistry:
                                f"SQLite file, got missing path {p}")
         return cls(dir=p, create=False) if p.is_dir() else cls(db=p, create=False)
 
-    # -- queries
     def __contains__(self, client_id: str) -> bool:
         return client_id in self._records
 
@@ -261,7 +259,6 @@ class KeyRegistry:
     def list(self) -> list[KeyRecord]:
         return [self._records[k] for k in sorted(self._records)]
 
-    # -- changes
     def generate(self, client_id: str, *, private_dir: str | Path | None = None,
                  overwrite: bool = False) -> ec.EllipticCurvePrivateKey:
         """Make a P-256 key pair, register the public half and return the private key. The private
@@ -327,9 +324,7 @@ class KeyRegistry:
 
     def refresh(self) -> bool:
         """Reload from disk when the backing store changed (for example ``phalanx keys revoke``)."""
-        if self.dir is None and self.db is None:
-            return False
-        if self._current_stamp() == self._stamp:
+        if (self.dir is None and self.db is None) or self._current_stamp() == self._stamp:
             return False
         self._load()
         return True
@@ -340,18 +335,15 @@ class KeyRegistry:
         stamp, records = self._current_stamp(), {}
         if self.dir is not None:
             for pub in sorted(self.dir.glob("*.pub.pem")):
-                cid = pub.name[: -len(".pub.pem")]
+                cid, meta_path = pub.name[: -len(".pub.pem")], pub.with_name(pub.name[:-8] + ".meta.json")
                 key = load_public_pem(pub.read_bytes(), f"key registry {pub}")
-                meta_path = self.dir / f"{cid}.meta.json"
-                try:
+                try:  # the metadata file is optional: not revoked, created = file time
                     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-                    revoked, created = bool(meta.get("revoked", False)), str(meta.get("created", ""))
+                    revoked, created = bool(meta.get("revoked", False)), str(meta.get("created") or
+                                                                             _now(pub.stat().st_mtime))
                 except (ValueError, AttributeError):
                     raise DataError(f"key registry {meta_path}: expected a JSON object with "
                                     "revoked and created, got unreadable data") from None
-                if not created:
-                    created = datetime.fromtimestamp(pub.stat().st_mtime, timezone.utc).replace(
-                        microsecond=0).isoformat()
                 records[cid] = KeyRecord(cid, key, revoked, created)
         else:
             rows = self._sql(lambda c: c.execute(
@@ -382,8 +374,7 @@ class KeyRegistry:
             "VALUES (?, ?, ?, ?)", rows)))
 
     def __repr__(self) -> str:
-        where = f"dir={str(self.dir)!r}" if self.dir else f"db={str(self.db)!r}" if self.db else "memory"
-        return f"KeyRegistry({where}, clients={len(self)})"
+        return f"KeyRegistry({self.dir or self.db or 'memory'}, clients={len(self)})"
 
 
 # ---------------------------------------------------------------------------- signing

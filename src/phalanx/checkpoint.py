@@ -1,0 +1,66 @@
+"""Checkpoint and resume: everything a run needs to continue bit for bit after a kill.
+
+Random draws in the simulator are derived from (seed, round, client), so the state is small:
+the round number, the global parameters, every stateful defense stage's ``state_dict``, the
+attack's cross-round memory, the run id in the store, and the global torch RNG state. Files are
+written atomically (write to a temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import PhalanxError
+
+FORMAT = 1
+
+
+def save_checkpoint(path: str | Path, fed, run_id: str | None = None, extra: dict | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": FORMAT,
+        "config": fed.cfg.model_dump(),
+        "round": fed.round,
+        "params": fed.params.clone(),
+        "defense": fed.defense.state_dict(),
+        "attack_history": fed.attack_history,
+        "torch_rng": torch.random.get_rng_state(),
+        "run_id": run_id,
+        "extra": extra or {},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PhalanxError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise PhalanxError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise PhalanxError(f"{path}: not a phalanx checkpoint (format {FORMAT} expected)")
+    return state
+
+
+def restore(fed, state: dict[str, Any]) -> None:
+    """Put a freshly built Federation into the checkpointed state."""
+    if state["config"] != fed.cfg.model_dump():
+        raise PhalanxError("checkpoint was written by a different config; resume with the same config")
+    if state["params"].shape != fed.params.shape:
+        raise PhalanxError(f"checkpoint params have shape {tuple(state['params'].shape)}, "
+                           f"model has {tuple(fed.params.shape)}")
+    fed.round = int(state["round"])
+    fed.params = state["params"].clone()
+    fed.defense.load_state_dict(state["defense"])
+    fed.attack_history.clear()
+    fed.attack_history.update(state["attack_history"])
+    torch.random.set_rng_state(state["torch_rng"])

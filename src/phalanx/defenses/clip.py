@@ -1,0 +1,75 @@
+"""Norm clipping: a fixed bound, the round's median norm, or a quantile tracked across rounds.
+
+The tracked quantile follows Andrew et al. (NeurIPS 2021, "Differentially private learning with
+adaptive clipping"): C <- C * exp(-eta * (b - q)), where b is the fraction of norms at most C.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..context import RoundContext
+from ..errors import PhalanxError
+from ..registry import DEFENSES
+from .base import Layer, Report, active, check_positive
+
+
+class Clip(Layer):
+    name = "clip"
+
+    def __init__(self, max_norm: float | str = "auto", quantile: float = 0.5, eta: float = 0.2,
+                 initial: float = 1.0):
+        if isinstance(max_norm, str):
+            if max_norm not in ("auto", "quantile"):
+                raise PhalanxError(f"clip: max_norm must be a number > 0, 'auto' or 'quantile', got {max_norm!r}")
+        else:
+            check_positive(self.name, "max_norm", max_norm)
+        if not 0 < quantile < 1:
+            raise PhalanxError(f"clip: quantile must be in (0, 1), got {quantile}")
+        self.mode = max_norm if isinstance(max_norm, str) else "fixed"
+        self.max_norm = None if isinstance(max_norm, str) else float(max_norm)
+        self.quantile = float(quantile)
+        self.eta = check_positive(self.name, "eta", eta)
+        self.bound = check_positive(self.name, "initial", initial)
+
+    def current_bound(self, norms: torch.Tensor) -> float:
+        if self.mode == "fixed":
+            return self.max_norm
+        if self.mode == "auto":
+            return float(norms.median())
+        return self.bound
+
+    def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
+        report = Report(self.name, n=U.shape[0])
+        A, _, idx = active(U, w)
+        norms = A.double().norm(dim=1)
+        if len(idx) == 0:
+            return U, w, report
+        bound = self.current_bound(norms)
+        scale = torch.clamp(bound / norms.clamp_min(1e-12), max=1.0)
+        U = U.clone()
+        U[idx] = (A.double() * scale[:, None]).to(U.dtype)
+        if self.mode == "quantile":
+            below = float((norms <= self.bound).double().mean())
+            self.bound *= math.exp(-self.eta * (below - self.quantile))
+        report.scores = torch.full((U.shape[0],), float("nan"), dtype=torch.float64)
+        report.scores[idx] = norms
+        report.selected = w > 0
+        report.info.update(bound=bound, clipped=int((scale < 1).sum()))
+        return U, w, report
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bound": self.bound}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "bound" in state:
+            self.bound = float(state["bound"])
+
+
+@DEFENSES.register("clip")
+def clip(max_norm: float | str = "auto", quantile: float = 0.5, eta: float = 0.2, initial: float = 1.0) -> Clip:
+    """Clip each update's L2 norm: fixed, 'auto' (the round's median norm) or 'quantile' (tracked)."""
+    return Clip(max_norm, quantile, eta, initial)

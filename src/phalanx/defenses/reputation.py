@@ -1,0 +1,119 @@
+"""Time-decay reputation per client id, with quarantine and recovery.
+
+Each round a client that sent an update earns a contribution c in [0, 1]:
+
+* agreement: its cosine with the round's robust aggregate, relative to the round's median
+  cosine (clamped to [0, 1]), so honest clients in a non-IID round still score near 1;
+* norm: 1 while its robust norm z-score is within ``z_tolerance``, decaying beyond;
+* validation (when the server holds data, ``ctx.val_loss``): 1 when applying the update alone
+  does not raise the validation loss more than applying the aggregate, decaying otherwise.
+
+c is the product of the available terms (0 for a row an earlier layer rejected), and
+``r <- decay * r + (1 - decay) * c``. Unknown clients start at ``prior``. A client whose
+reputation falls under ``threshold`` is quarantined (weight 0) until it climbs back over
+``release`` (hysteresis), which takes several rounds of good behaviour. In the pipeline the layer
+weights rows by reputation before aggregation and learns from the aggregate after it, so it may
+be listed before or after the aggregator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..context import RoundContext
+from ..errors import PhalanxError
+from ..registry import DEFENSES
+from .base import Layer, Report
+from .validate import robust_z
+
+
+class Reputation(Layer):
+    name = "reputation"
+    anywhere = True  # may be listed after the aggregator in a config
+
+    def __init__(self, decay: float = 0.7, prior: float = 0.6, threshold: float = 0.3, release: float = 0.5,
+                 z_tolerance: float = 3.0, use_validation: bool = True, weight_by_reputation: bool = True):
+        for pname, v in (("decay", decay), ("prior", prior), ("threshold", threshold), ("release", release)):
+            if not 0 <= v <= 1:
+                raise PhalanxError(f"reputation: {pname} must be in [0, 1], got {v}")
+        if release < threshold:
+            raise PhalanxError(f"reputation: release must be >= threshold ({threshold}), got {release}")
+        if not z_tolerance > 0:
+            raise PhalanxError(f"reputation: z_tolerance must be > 0, got {z_tolerance}")
+        self.decay, self.prior, self.threshold, self.release = decay, prior, threshold, release
+        self.z_tolerance = z_tolerance
+        self.use_validation = use_validation
+        self.weight_by_reputation = weight_by_reputation
+        self.scores: dict[str, float] = {}
+        self.quarantined: set[str] = set()
+        self.history: dict[str, list[float]] = {}
+
+    def score(self, cid: str) -> float:
+        return self.scores.get(cid, self.prior)
+
+    def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
+        report = Report(self.name, n=U.shape[0])
+        r = torch.tensor([self.score(c) for c in ctx.client_ids], dtype=torch.float64)
+        w = w.clone()
+        for i, cid in enumerate(ctx.client_ids):
+            if cid in self.quarantined:
+                w[i] = 0.0
+                report.reject(i, "quarantined")
+        if self.weight_by_reputation:
+            w = w * r.to(w.dtype)
+        report.scores = r
+        report.selected = w > 0
+        report.info["quarantined"] = sorted(self.quarantined)
+        return U, w, report
+
+    def contributions(self, U: torch.Tensor, w: torch.Tensor, g: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        n = U.shape[0]
+        ok = torch.isfinite(U).all(1)
+        c = torch.zeros(n, dtype=torch.float64)
+        if not bool(ok.any()):
+            return c
+        A = U[ok].double()
+        g64 = g.double()
+        cos = (A @ g64) / (A.norm(dim=1) * g64.norm()).clamp_min(1e-12)
+        ref = float(cos.median())
+        agree = (cos / ref).clamp(0, 1) if ref > 1e-6 else (cos > 0).double()
+        z = robust_z(A.norm(dim=1)).abs() if len(A) >= 4 else torch.zeros(len(A), dtype=torch.float64)
+        norm_term = torch.exp(-(z - self.z_tolerance).clamp_min(0))
+        term = agree * norm_term
+        if self.use_validation and ctx.val_loss is not None:
+            base = ctx.val_loss(ctx.global_params + g)
+            own = torch.tensor([ctx.val_loss(ctx.global_params + u.float()) for u in U[ok]], dtype=torch.float64)
+            term = term * torch.exp(-((own - base) / max(abs(base), 1e-6)).clamp_min(0))
+        c[ok] = term
+        return c
+
+    def observe(self, U: torch.Tensor, w: torch.Tensor, g: torch.Tensor, ctx: RoundContext, rejected: torch.Tensor) -> None:
+        """Learn from this round: U and w as this layer received them, g the final aggregate."""
+        c = self.contributions(U, w, g, ctx)
+        c[rejected] = 0.0
+        for i, cid in enumerate(ctx.client_ids):
+            r = self.decay * self.score(cid) + (1 - self.decay) * float(c[i])
+            self.scores[cid] = r
+            self.history.setdefault(cid, []).append(r)
+            if r < self.threshold:
+                self.quarantined.add(cid)
+            elif r >= self.release:
+                self.quarantined.discard(cid)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scores": dict(self.scores), "quarantined": sorted(self.quarantined),
+                "history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scores = dict(state.get("scores", {}))
+        self.quarantined = set(state.get("quarantined", []))
+        self.history = {k: list(v) for k, v in state.get("history", {}).items()}
+
+
+@DEFENSES.register("reputation")
+def reputation(decay: float = 0.7, prior: float = 0.6, threshold: float = 0.3, release: float = 0.5,
+               z_tolerance: float = 3.0, use_validation: bool = True) -> Reputation:
+    """Time-decay reputation (cosine agreement, norm z-score, validation loss) with quarantine."""
+    return Reputation(decay, prior, threshold, release, z_tolerance, use_validation)
