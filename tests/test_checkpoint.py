@@ -82,6 +82,8 @@ def test_cli_kill_and_resume(tiny_config, tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     resumed = load_checkpoint(ck)["params"]
-    whole = Federation(parse_config(tiny_config))
-    whole.run()
-    assert torch.equal(resumed, whole.params)
+    ck2 = tmp_path / "whole.pt"  # the uninterrupted run, in the same kind of process
+    r = subprocess.run(exe + ["run", str(cfgp), "--db", str(tmp_path / "w.db"), "--checkpoint", str(ck2), "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert torch.equal(resumed, load_checkpoint(ck2)["params"])

@@ -125,7 +125,7 @@ def show(db: Path = typer.Argument(..., help="SQLite results store")):
         fail(str(e))
     t = Table(title=f"runs in {db}")
     for col in ("run id", "name", "seed", "status", "started", "minutes", "accuracy", "other final metrics"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col in ("run id", "name"))
     for r in runs:
         started = dt.datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M")
         minutes = f"{(r['ended'] - r['started']) / 60:.1f}" if r["ended"] else "-"

@@ -60,6 +60,12 @@ class FederationConfig(Strict):
     server_lr: float = Field(1.0, gt=0)
     weighting: Literal["samples", "uniform"] = "samples"
     eval_every: int = Field(1, ge=1)
+    signing: bool = Field(False, description="clients sign their updates (ECDSA P-256); pair with "
+                                             "the 'verify' defense layer")
+    recovery_drop: float | None = Field(None, gt=0, le=1, description="roll back a round when server "
+                                        "validation accuracy drops by more than this")
+    server_data: int = Field(0, ge=0, description="clean training samples held out for the server "
+                                                  "(FLTrust's root set, reputation's validation loss)")
 
     @model_validator(mode="after")
     def _sampled(self):

@@ -10,6 +10,7 @@ and can resume from any round with only the parameters and the stateful defenses
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .context import AttackContext, RoundContext
 from .data import Dataset, load_dataset, partition
 from .defenses.base import Aggregator, Layer, Post
 from .defenses.pipeline import Pipeline
+from .defenses.validate import robust_z
 from .errors import ConfigError
 from .metrics import client_stats, detection
 from .models import build_model
@@ -34,21 +36,23 @@ from .training import LocalSpec, evaluate, local_update
 from .updates import flatten_params
 
 
-def build_defense(items: list, f: int = 0, num_classes: int = 10) -> Pipeline:
+def build_defense(items: list, f: int = 0, **inject: Any) -> Pipeline:
     """A Pipeline from config entries: layers first, exactly one aggregator, then post steps.
 
     A layer marked ``anywhere`` (reputation) may also be listed after the aggregator; it still
     runs before it and learns from its output.
 
     ``f`` (the configured Byzantine count) is passed to every stage that takes an ``f``
-    parameter and was not given one: the usual assumption that the server knows f.
+    parameter and was not given one: the usual assumption that the server knows f. Other
+    ``inject`` values (the simulator's key registry and run id) are passed the same way.
     """
     layers, aggs, posts = [], [], []
     for item in items:
         name, params = defense_item(item)
         sig = inspect.signature(DEFENSES.get(name)).parameters
-        if "f" in sig and "f" not in params:
-            params["f"] = f
+        for key, value in {"f": f, **inject}.items():
+            if key in sig and key not in params:
+                params[key] = value
         stage = DEFENSES.build(name, **params)
         if isinstance(stage, Aggregator):
             if posts:
@@ -107,6 +111,12 @@ class Federation:
         ds = dataset or load_dataset(cfg.data.dataset)
         if cfg.data.train_subset or cfg.data.test_subset:
             ds = ds.subset(cfg.data.train_subset, cfg.data.test_subset, seed=cfg.seed)
+        self.server_x, self.server_y = ds.x_train[:0], ds.y_train[:0]
+        if fed.server_data:  # a clean held-out set for the server (FLTrust's root set, validation)
+            perm = torch.from_numpy(np.random.default_rng([cfg.seed, 5]).permutation(len(ds.y_train)))
+            keep, held = perm[fed.server_data:].sort().values, perm[:fed.server_data]
+            self.server_x, self.server_y = ds.x_train[held], ds.y_train[held]
+            ds = Dataset(ds.name, ds.x_train[keep], ds.y_train[keep], ds.x_test, ds.y_test, ds.classes)
         self.data = ds
         self.parts = partition(ds.y_train, fed.num_clients, cfg.data.partition, seed=cfg.seed,
                                **self._partition_params())
@@ -121,14 +131,35 @@ class Federation:
         self.attack: Attack | None = ATTACKS.build(cfg.attack.name, **cfg.attack.params) if cfg.attack.name else None
         self.poison = (_build_with_classes(POISONS, cfg.attack.poison, cfg.attack.poison_params, ds.num_classes)
                        if cfg.attack.poison else None)
+        # a poison may hand each attacker its own part (distributed backdoors): for_client(j, m)
+        self.poisons: dict[int, Any] = {}
+        if self.poison is not None:
+            for j, c in enumerate(order[:nbyz].tolist()):
+                split = getattr(self.poison, "for_client", None)
+                self.poisons[c] = split(j, nbyz) if split else self.poison
         k = fed.clients_per_round or fed.num_clients
         self.expected_f = int(round(nbyz * k / fed.num_clients))
-        self.defense = build_defense(cfg.defense, f=self.expected_f, num_classes=ds.num_classes)
+        self.signers: dict[str, Any] = {}
+        inject: dict[str, Any] = {}
+        if fed.signing:  # every client gets an ECDSA key; rows are signed as clients would
+            from .defenses.signing import ClientSigner, KeyRegistry
+
+            registry = KeyRegistry()
+            self.signers = {cid: ClientSigner(cid, registry.generate(cid)) for cid in self.client_ids}
+            inject = {"registry": registry, "run_id": cfg.name}
+        self.defense = build_defense(cfg.defense, f=self.expected_f, **inject)
         self.spec = LocalSpec(fed.local_epochs, fed.batch_size, fed.lr, fed.momentum, fed.weight_decay,
                               fed.local_steps)
         self.hooks = hooks or Hooks()
+        if self.poison is not None and hasattr(self.poison, "metrics"):  # backdoor success and the like
+            self.hooks.evaluators.append(lambda params: self.poison.metrics(self.model, params, self.data))
         self.attack_history: dict[str, Any] = {}
+        self.events: list[tuple[int, str, dict]] = []
+        self.first_quarantine: dict[str, int] = {}
         self.round = 0
+        if fed.recovery_drop is not None and not fed.server_data:
+            raise ConfigError("federation.recovery_drop needs server data to measure accuracy: "
+                              "set federation.server_data (for example 500)")
 
     def _partition_params(self) -> dict[str, Any]:
         d = self.cfg.data
@@ -150,7 +181,7 @@ class Federation:
         rows, losses = [], []
         for c in chosen:
             idx = self.parts[c]
-            poison = self.poison if (attacking and self.malicious[c]) else None
+            poison = self.poisons.get(int(c)) if attacking else None
             upd, loss = local_update(self.model, self.params, self.data.x_train[idx], self.data.y_train[idx],
                                      self.spec, self.client_generator(rnd, int(c)), poison)
             for hook in self.hooks.client_update:
@@ -175,9 +206,19 @@ class Federation:
 
     def round_context(self, rnd: int, chosen: np.ndarray) -> RoundContext:
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, rnd, 17]).integers(2**62)))
-        return RoundContext(round=rnd, client_ids=[self.client_ids[c] for c in chosen],
-                            global_params=self.params.clone(), generator=gen,
-                            num_samples=self.num_samples[torch.from_numpy(chosen)])
+        ctx = RoundContext(round=rnd, client_ids=[self.client_ids[c] for c in chosen],
+                           global_params=self.params.clone(), generator=gen,
+                           num_samples=self.num_samples[torch.from_numpy(chosen)])
+        if len(self.server_y):
+            ctx.server_update = lambda: self.server_update(rnd)
+            ctx.val_loss = lambda p: evaluate(self.model, p, self.server_x, self.server_y)[1]
+        return ctx
+
+    def server_update(self, rnd: int) -> torch.Tensor:
+        """The update the server computes on its own clean data (FLTrust's root update)."""
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, rnd, 19]).integers(2**62)))
+        upd, _ = local_update(self.model, self.params, self.server_x, self.server_y, self.spec, gen)
+        return upd
 
     def run_round(self, rnd: int) -> RoundResult:
         t0 = time.perf_counter()
@@ -188,23 +229,37 @@ class Federation:
         if attacking:
             U = self.apply_attack(U, mal, rnd)
         ctx = self.round_context(rnd, chosen)
+        if self.signers:
+            t_sign = time.perf_counter()
+            ctx.extras["envelopes"] = [self.signers[cid].sign(U[i], self.cfg.name, rnd)
+                                       for i, cid in enumerate(ctx.client_ids)]
+            sign_seconds = time.perf_counter() - t_sign
         for hook in self.hooks.before_aggregate:
             hook(U, ctx)
         w = ctx.num_samples.clone() if self.cfg.federation.weighting == "samples" else torch.ones(len(chosen))
         t1 = time.perf_counter()
+        snapshot = copy.deepcopy(self.defense.state_dict()) if self.cfg.federation.recovery_drop else None
         g, report = self.defense(U, w, ctx)
         agg_seconds = time.perf_counter() - t1
+        rolled_back = False
+        if snapshot is not None:
+            g, report, rolled_back = self.recover(U, w, ctx, g, report, snapshot)
         self.params = self.params + self.cfg.federation.server_lr * g.to(self.params.dtype)
         discarded = report.discarded()
         metrics: dict[str, Any] = {"train_loss": float(np.mean(losses)), "agg_seconds": agg_seconds,
                                    "rejected": int(discarded.sum()), "attacking": bool(attacking and mal.any()),
-                                   **detection(discarded, mal)}
+                                   "rolled_back": rolled_back, **detection(discarded, mal)}
+        if self.signers:
+            metrics["sign_seconds"] = sign_seconds
         fed = self.cfg.federation
         if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
             metrics.update(self.evaluate())
         metrics["seconds"] = time.perf_counter() - t0
         finite = torch.isfinite(U).all(1)
         norms, cos = client_stats(torch.where(finite[:, None], U, torch.zeros_like(U)), g)
+        for i, c in enumerate(chosen):
+            if "quarantined" in str(report.reasons.get(i, "")):
+                self.first_quarantine.setdefault(self.client_ids[c], rnd)
         clients = [{"client_id": self.client_ids[c], "malicious": bool(mal[i]),
                     "norm": float(norms[i]) if finite[i] else None, "cosine": float(cos[i]) if finite[i] else None,
                     "weight": float(w[i]) * (0.0 if discarded[i] else 1.0),
@@ -212,6 +267,32 @@ class Federation:
                    for i, c in enumerate(chosen)]
         self.round = rnd + 1
         return RoundResult(rnd, metrics, clients, g, report)
+
+    def recover(self, U, w, ctx, g, report, snapshot):
+        """Roll back a round whose aggregate drops the server's validation accuracy sharply.
+
+        The defense state returns to the start of the round, and the round is aggregated again
+        without the clients flagged in it: rejected by a stage, a norm robust z-score above 3, or
+        a negative cosine with the coordinate-wise median update.
+        """
+        before = evaluate(self.model, self.params, self.server_x, self.server_y)[0]
+        after = evaluate(self.model, self.params + self.cfg.federation.server_lr * g, self.server_x, self.server_y)[0]
+        if before - after <= self.cfg.federation.recovery_drop:
+            return g, report, False
+        flagged = report.discarded() | ~torch.isfinite(U).all(1)
+        clean = torch.nan_to_num(U, 0.0, 0.0, 0.0)
+        flagged |= robust_z(clean.double().norm(dim=1)).abs() > 3
+        med = clean.median(0).values
+        flagged |= (clean.double() @ med.double()) < 0
+        self.defense.load_state_dict(snapshot)
+        w2 = torch.where(flagged, torch.zeros_like(w), w)
+        self.events.append((ctx.round, "rollback", {"accuracy_before": before, "accuracy_after": after,
+                                                    "excluded": [ctx.client_ids[i] for i in
+                                                                 torch.nonzero(flagged).flatten().tolist()]}))
+        g2, report2 = self.defense(U, w2, ctx)
+        for i in torch.nonzero(flagged).flatten().tolist():
+            report2.reject(i, "rollback")
+        return g2, report2, True
 
     def evaluate(self) -> dict[str, Any]:
         acc, loss = evaluate(self.model, self.params, self.data.x_test, self.data.y_test)
@@ -245,6 +326,9 @@ class Federation:
             if store is not None:
                 store.log_round(run_id, rnd, res.metrics)
                 store.log_clients(run_id, rnd, res.clients)
+                for ev_round, kind, detail in self.events:
+                    store.log_event(run_id, ev_round, kind, detail)
+            self.events.clear()
             if checkpoint is not None:
                 save_checkpoint(checkpoint, self, run_id)
             if on_round is not None:
@@ -253,6 +337,11 @@ class Federation:
             rounds = store.read_run(run_id).rounds
             last = rounds[-1] if rounds else {}
         final = {k: last[k] for k in ("accuracy", "loss") if k in last}
+        bad = [cid for cid, m in zip(self.client_ids, self.malicious.tolist()) if m]
+        if bad and self.first_quarantine:
+            caught = [self.first_quarantine[c] for c in bad if c in self.first_quarantine]
+            final["quarantined_attackers"] = len(caught)
+            final["rounds_to_quarantine"] = float(np.mean(caught)) + 1 if caught else None
         final.update({k: v for k, v in last.items() if k.startswith(("asr", "epsilon"))})
         if store is not None:
             store.finish_run(run_id, final)

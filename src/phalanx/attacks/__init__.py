@@ -5,7 +5,7 @@ Importing this package registers every built-in attack. Each submodule registers
 
 import importlib
 
-for _mod in ("model_poisoning", "adaptive", "data_poisoning"):
+for _mod in ("model_poisoning", "adaptive", "data_poisoning", "backdoor", "backdoor_updates"):
     try:
         importlib.import_module(f"{__name__}.{_mod}")
     except ModuleNotFoundError as e:  # a module not written yet

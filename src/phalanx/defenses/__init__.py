@@ -5,7 +5,7 @@ Importing this package registers every built-in defense. Each submodule register
 
 import importlib
 
-for _mod in ("robust", "preagg", "detect", "validate", "clip", "reputation", "signing", "privacy"):
+for _mod in ("robust", "preagg", "detect", "validate", "clip", "reputation", "signing", "privacy", "backdoor_defenses"):
     try:
         importlib.import_module(f"{__name__}.{_mod}")
     except ModuleNotFoundError as e:  # a module not written yet

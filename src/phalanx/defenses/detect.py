@@ -1,0 +1,284 @@
+"""Detection-style aggregators: FLTrust, SignGuard, FoolsGold and FLAME.
+
+Each scores or clusters the rows, keeps the ones it trusts and averages them. ``f`` is accepted
+by every factory (so a grid can pass it to every defense) but none of these rules needs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..context import RoundContext
+from ..errors import PhalanxError
+from ..registry import DEFENSES
+from ..updates import cosine_matrix
+from .base import Aggregator, check_nonneg_int, check_positive
+from .robust import combine, finite_or_raise, make_report, prepare, row_norms
+
+
+def _median(x: torch.Tensor) -> float:
+    return float(np.median(x.detach().cpu().double().numpy()))
+
+
+class FLTrust(Aggregator):
+    """FLTrust (Cao et al., NDSS 2021): trust score ReLU(cos(U_i, g0)) against the server's update
+    g0 = ctx.server_update() on its root set; each row is rescaled to |g0| and the trust-weighted
+    mean is returned (zero when no row is trusted). Report scores: the trust scores."""
+
+    name = "fltrust"
+
+    def __call__(self, U, w, ctx: RoundContext):
+        Ua, _, idx = prepare(self.name, U, w)
+        if ctx.server_update is None:
+            raise PhalanxError("fltrust: needs ctx.server_update (the server's update on its root "
+                               "data set), got None")
+        g0 = ctx.server_update()
+        d = Ua.shape[1]
+        if not isinstance(g0, torch.Tensor) or g0.numel() != d:
+            got = tuple(g0.shape) if isinstance(g0, torch.Tensor) else type(g0).__name__
+            raise PhalanxError(f"fltrust: ctx.server_update() must return a tensor of {d} values, got {got}")
+        g0 = g0.detach().reshape(-1).to(device=Ua.device, dtype=Ua.dtype)
+        n0 = float(torch.linalg.vector_norm(g0.double()))
+        if not np.isfinite(n0) or n0 == 0.0:
+            raise PhalanxError(f"fltrust: the server update must be finite and non-zero, got norm {n0}")
+        norms = row_norms(Ua)
+        cos = (Ua @ g0).double() / (norms.clamp_min(1e-300) * n0)
+        trust = torch.relu(cos)
+        total = float(trust.sum())
+        if total > 0:
+            g = combine(trust * (n0 / norms.clamp_min(1e-300)) / total, Ua)
+        else:
+            g = torch.zeros(d, dtype=Ua.dtype, device=Ua.device)
+        return finite_or_raise(self.name, g), make_report(
+            self.name, U.shape[0], idx, trust, trust > 0, "negative_cosine", server_norm=n0,
+            all_untrusted=total == 0)
+
+
+class SignGuard(Aggregator):
+    """SignGuard (Xu et al. 2022). Norm filter: keep rows with lower <= |U_i| / median|U| <= upper.
+    Sign filter: on a random ``coords`` fraction of coordinates (``ctx.generator``), each row's
+    fractions of positive, zero and negative values are clustered (sklearn MeanShift with
+    estimated bandwidth, or KMeans with 2 clusters) and the largest cluster is kept. The rows
+    passing both filters are clipped to the median norm and averaged (if none passes both, the
+    norm filter alone decides: ``info['fallback']``). Report scores: |U_i| / median norm."""
+
+    name = "signguard"
+
+    def __init__(self, lower: float, upper: float, coords: float, clustering: str):
+        self.lower = check_positive(self.name, "lower", lower)
+        self.upper = check_positive(self.name, "upper", upper)
+        if self.upper <= self.lower:
+            raise PhalanxError(f"signguard: upper must be > lower, got lower={lower}, upper={upper}")
+        if not isinstance(coords, (int, float)) or isinstance(coords, bool) or not 0 < coords <= 1:
+            raise PhalanxError(f"signguard: coords must be a fraction in (0, 1], got {coords!r}")
+        if clustering not in ("meanshift", "kmeans"):
+            raise PhalanxError(f"signguard: clustering must be 'meanshift' or 'kmeans', got {clustering!r}")
+        self.coords, self.clustering = float(coords), clustering
+
+    def _largest_cluster(self, feats: np.ndarray, seed: int) -> np.ndarray:
+        from sklearn.cluster import KMeans, MeanShift, estimate_bandwidth
+
+        n = feats.shape[0]
+        if n < 3 or np.ptp(feats, axis=0).max() == 0:
+            return np.ones(n, dtype=bool)
+        if self.clustering == "kmeans":
+            labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(feats).labels_
+        else:
+            bw = estimate_bandwidth(feats, quantile=0.5)
+            if not bw > 0:
+                return np.ones(n, dtype=bool)
+            labels = MeanShift(bandwidth=bw, bin_seeding=True, cluster_all=False).fit(feats).labels_
+        valid = labels[labels >= 0]
+        if valid.size == 0:
+            return np.ones(n, dtype=bool)
+        return labels == np.bincount(valid).argmax()
+
+    def __call__(self, U, w, ctx: RoundContext):
+        Ua, _, idx = prepare(self.name, U, w)
+        n, d = Ua.shape
+        norms = row_norms(Ua)
+        med = _median(norms)
+        ratio = norms / med if med > 0 else torch.ones(n, dtype=torch.float64, device=norms.device)
+        norm_ok = ((ratio >= self.lower) & (ratio <= self.upper)).cpu()
+        k = max(1, int(round(self.coords * d)))
+        cols = torch.randperm(d, generator=ctx.generator)[:k].sort().values
+        sub = Ua[:, cols.to(Ua.device)]
+        feats = torch.stack([(sub > 0).double().mean(1), (sub == 0).double().mean(1),
+                             (sub < 0).double().mean(1)], 1).cpu().numpy()
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+        sign_ok = torch.from_numpy(self._largest_cluster(feats, seed))
+        keep = norm_ok & sign_ok
+        fallback = not bool(keep.any())
+        if fallback:
+            keep = norm_ok
+        clip = torch.clamp(med / norms.clamp_min(1e-300), max=1.0) if med > 0 else torch.ones_like(norms)
+        coef = keep.to(norms.device).double() * clip / int(keep.sum())
+        g = finite_or_raise(self.name, combine(coef, Ua))
+        rep = make_report(self.name, U.shape[0], idx, ratio, keep, None, median_norm=med,
+                          fallback=fallback, coords=k)
+        for i, row in enumerate(idx.cpu().tolist()):
+            if not bool(norm_ok[i]):
+                rep.reject(row, "norm_outlier")
+            elif not bool(keep[i]):
+                rep.reject(row, "sign_cluster")
+        return g, rep
+
+    def __repr__(self):
+        return (f"SignGuard(lower={self.lower}, upper={self.upper}, coords={self.coords}, "
+                f"clustering={self.clustering!r})")
+
+
+class FoolsGold(Aggregator):
+    """FoolsGold (Fung et al. 2020): keeps, per client id, the sum of its updates; clients whose
+    histories are too similar (pairwise cosine) get low weights. Pardoning rescales cs_ij by
+    v_i / v_j when v_i < v_j (v: each client's largest similarity); weights 1 - max_j cs_ij are
+    normalised by their maximum and passed through kappa * logit + 0.5, clipped to [0, 1]. The
+    result is the weighted mean of this round's updates. Stateful (``state_dict``). Report
+    scores: the weights."""
+
+    name = "foolsgold"
+
+    def __init__(self, kappa: float):
+        self.kappa = check_positive(self.name, "kappa", kappa)
+        self.ids: list[str] = []
+        self.history: torch.Tensor | None = None
+
+    def _rows_for(self, ids: list[str], d: int, like: torch.Tensor) -> torch.Tensor:
+        if self.history is not None and self.history.shape[1] != d:
+            raise PhalanxError(f"{self.name}: the stored history has d={self.history.shape[1]}, "
+                               f"got updates with d={d}")
+        pos = {c: i for i, c in enumerate(self.ids)}
+        new = [c for c in dict.fromkeys(ids) if c not in pos]
+        if new:
+            grow = torch.zeros(len(new), d, dtype=like.dtype, device=like.device)
+            self.history = grow if self.history is None else torch.cat([self.history.to(like.device), grow])
+            for c in new:
+                pos[c] = len(self.ids)
+                self.ids.append(c)
+        return torch.tensor([pos[c] for c in ids], device=like.device)
+
+    def __call__(self, U, w, ctx: RoundContext):
+        Ua, _, idx = prepare(self.name, U, w)
+        if len(ctx.client_ids) != U.shape[0]:
+            raise PhalanxError(f"{self.name}: ctx.client_ids must name every row, got "
+                               f"{len(ctx.client_ids)} ids for {U.shape[0]} rows")
+        ids = [str(ctx.client_ids[i]) for i in idx.cpu().tolist()]
+        if len(set(ids)) != len(ids):
+            raise PhalanxError(f"{self.name}: client ids must be distinct within a round, got {ids}")
+        n, d = Ua.shape
+        rows = self._rows_for(ids, d, Ua)
+        self.history.index_add_(0, rows, Ua.to(self.history.dtype))
+        cs = cosine_matrix(self.history[rows]).cpu() - torch.eye(n, dtype=torch.float64)
+        v = cs.max(1).values
+        pardon = v[:, None] < v[None, :]
+        cs = torch.where(pardon, cs * v[:, None] / torch.where(pardon, v[None, :], 1.0), cs)
+        cs = torch.nan_to_num(cs, nan=0.0, posinf=1.0, neginf=-1.0)
+        wv = (1.0 - cs.max(1).values).clamp(0.0, 1.0)
+        top = float(wv.max())
+        if top > 0:
+            wv = (wv / top).clamp(max=0.99)
+            wv = self.kappa * (torch.log(wv / (1 - wv))) + 0.5
+            wv = torch.nan_to_num(wv, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+        total = float(wv.sum())
+        g = combine(wv / total, Ua) if total > 0 else torch.zeros(d, dtype=Ua.dtype, device=Ua.device)
+        return finite_or_raise(self.name, g), make_report(
+            self.name, U.shape[0], idx, wv, wv > 0, "sybil", kappa=self.kappa)
+
+    def state_dict(self) -> dict[str, Any]:
+        hist = None if self.history is None else self.history.cpu().clone()
+        return {"ids": list(self.ids), "history": hist}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"ids", "history"}:
+            raise PhalanxError(f"{self.name}: state must have keys ['history', 'ids'], got {sorted(state)}")
+        ids, hist = list(state["ids"]), state["history"]
+        if hist is None and ids:
+            raise PhalanxError(f"{self.name}: state has {len(ids)} ids but no history")
+        if hist is not None and (not isinstance(hist, torch.Tensor) or hist.ndim != 2
+                                 or hist.shape[0] != len(ids)):
+            raise PhalanxError(f"{self.name}: state 'history' must be a tensor [{len(ids)}, d], got "
+                               f"{getattr(hist, 'shape', type(hist).__name__)}")
+        self.ids = [str(c) for c in ids]
+        self.history = None if hist is None else hist.clone()
+
+    def __repr__(self):
+        return f"FoolsGold(kappa={self.kappa})"
+
+
+class Flame(Aggregator):
+    """FLAME (Nguyen et al., USENIX Security 2022): HDBSCAN (scikit-learn, min_cluster_size
+    n // 2 + 1, min_samples 1) on pairwise cosine distances, keep the largest cluster, clip the
+    kept updates to S = the median norm of all active updates, average, and add Gaussian noise
+    of std ``noise`` * S from ``ctx.generator`` (noise=0 disables it). Report scores: the norms."""
+
+    name = "flame"
+
+    def __init__(self, noise: float):
+        if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
+            raise PhalanxError(f"flame: noise (lambda) must be a number >= 0, got {noise!r}")
+        self.noise = float(noise)
+
+    def __call__(self, U, w, ctx: RoundContext):
+        Ua, _, idx = prepare(self.name, U, w)
+        n, d = Ua.shape
+        keep, fallback = np.ones(n, dtype=bool), False
+        if n >= 2:
+            from sklearn.cluster import HDBSCAN
+
+            D = (1.0 - cosine_matrix(Ua).cpu()).clamp_min(0.0)
+            D = ((D + D.T) / 2).fill_diagonal_(0.0).numpy()
+            labels = HDBSCAN(min_cluster_size=max(2, n // 2 + 1), min_samples=1,
+                             metric="precomputed", allow_single_cluster=True,
+                             copy=True).fit(D).labels_
+            valid = labels[labels >= 0]
+            if valid.size:
+                keep = labels == np.bincount(valid).argmax()
+            else:
+                fallback = True
+        keep_t = torch.from_numpy(keep)
+        norms = row_norms(Ua)
+        S = _median(norms)
+        clip = torch.clamp(S / norms.clamp_min(1e-300), max=1.0)
+        coef = keep_t.to(norms.device).double() * clip / int(keep_t.sum())
+        g = combine(coef, Ua)
+        sigma = self.noise * S
+        if sigma > 0:
+            g = g + sigma * torch.randn(d, generator=ctx.generator, dtype=g.dtype).to(g.device)
+        return finite_or_raise(self.name, g), make_report(
+            self.name, U.shape[0], idx, norms, keep_t, "outside_cluster", clip_norm=S, sigma=sigma,
+            fallback=fallback)
+
+    def __repr__(self):
+        return f"Flame(noise={self.noise})"
+
+
+@DEFENSES.register("fltrust")
+def fltrust(f: int = 0) -> Aggregator:
+    """FLTrust (Cao et al., NDSS 2021): cosine trust against the server's root-set update."""
+    check_nonneg_int("fltrust", "f", f)
+    return FLTrust()
+
+
+@DEFENSES.register("signguard")
+def signguard(f: int = 0, lower: float = 0.1, upper: float = 3.0, coords: float = 0.1,
+              clustering: str = "meanshift") -> Aggregator:
+    """SignGuard (Xu et al. 2022): norm bounds, then clustering of sign statistics."""
+    check_nonneg_int("signguard", "f", f)
+    return SignGuard(lower, upper, coords, clustering)
+
+
+@DEFENSES.register("foolsgold")
+def foolsgold(f: int = 0, kappa: float = 1.0) -> Aggregator:
+    """FoolsGold (Fung et al. 2020): down-weights clients with similar update histories."""
+    check_nonneg_int("foolsgold", "f", f)
+    return FoolsGold(kappa)
+
+
+@DEFENSES.register("flame")
+def flame(f: int = 0, noise: float = 0.001) -> Aggregator:
+    """FLAME (Nguyen et al., USENIX Security 2022): HDBSCAN filtering, median-norm clipping, noise."""
+    check_nonneg_int("flame", "f", f)
+    return Flame(noise)

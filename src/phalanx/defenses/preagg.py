@@ -1,0 +1,171 @@
+"""Pre-aggregation: Nearest Neighbour Mixing (a layer), bucketing (a wrapper around any registered
+aggregator) and Divide-and-Conquer (an aggregator)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..context import RoundContext
+from ..errors import PhalanxError
+from ..registry import DEFENSES
+from ..updates import pairwise_sq_dists
+from .base import Aggregator, Layer, check_nonneg_int, check_positive, require_rows
+from .robust import combine, finite_or_raise, make_report, prepare
+
+
+class NNM(Layer):
+    """Nearest Neighbour Mixing (Allouah et al. 2023): replace each row by the mean of its n - f
+    nearest rows (itself included), with one distance matrix and one [n, n] x [n, d] product.
+    Keeps n rows and their weights (rows with w == 0 pass through unchanged). Needs n > f.
+    Report scores: the mean squared distance of each row to the neighbours it mixed."""
+
+    name = "nnm"
+
+    def __init__(self, f: int):
+        self.f = check_nonneg_int(self.name, "f", f)
+
+    def __call__(self, U, w, ctx: RoundContext):
+        Ua, _, idx = prepare(self.name, U, w)
+        n, f = Ua.shape[0], self.f
+        require_rows(self.name, n, f + 1, "n > f", f)
+        k = n - f
+        D = pairwise_sq_dists(Ua)
+        D.fill_diagonal_(-1.0)  # each row is its own nearest neighbour, whatever the ties
+        near = torch.topk(D, k, dim=1, largest=False)
+        M = torch.zeros(n, n, dtype=Ua.dtype, device=Ua.device)
+        M.scatter_(1, near.indices, 1.0 / k)
+        mixed = M @ Ua
+        if n == U.shape[0]:
+            out = mixed
+        else:
+            out = U.detach().clone()
+            out[idx] = mixed
+        scores = near.values.clamp_min(0).sum(1) / max(k - 1, 1)
+        return out, w, make_report(self.name, U.shape[0], idx, scores, f=f, neighbours=k)
+
+    def __repr__(self):
+        return f"NNM(f={self.f})"
+
+
+class Bucketing(Aggregator):
+    """Bucketing (Karimireddy et al. 2022): shuffle the active rows with ``ctx.generator``, average
+    buckets of s rows, and aggregate the ceil(n / s) bucket means with an inner aggregator.
+
+    Setting f for the inner rule: f Byzantine clients spoil at most f buckets, so pass the same f
+    (the number of Byzantine clients); the inner rule's bound then applies to the number of
+    buckets, for example krum needs ceil(n / s) > 2f + 2. Report rows inherit their bucket's
+    inner score and selection; ``info['buckets']`` lists the rows of each bucket.
+    """
+
+    def __init__(self, s: int, inner: Aggregator, inner_name: str):
+        self.s = s
+        self.inner = inner
+        self.name = f"bucketing({inner_name})"
+
+    def __call__(self, U, w, ctx: RoundContext):
+        Ua, _, idx = prepare(self.name, U, w)
+        n = Ua.shape[0]
+        nb = math.ceil(n / self.s)
+        perm = torch.randperm(n, generator=ctx.generator)
+        bucket = torch.empty(n, dtype=torch.long)
+        bucket[perm] = torch.arange(n) // self.s  # row perm[p] goes to bucket p // s
+        counts = torch.bincount(bucket, minlength=nb).to(Ua.dtype)
+        M = torch.zeros(nb, n, dtype=Ua.dtype)
+        M[bucket, torch.arange(n)] = 1.0 / counts[bucket]
+        B = M.to(Ua.device) @ Ua
+        g, rep = self.inner(B, torch.ones(nb, dtype=Ua.dtype, device=Ua.device), ctx)
+        keep = torch.ones(n, dtype=torch.bool) if rep.selected is None else rep.selected.cpu()[bucket]
+        scores = None if rep.scores is None else rep.scores.cpu()[bucket]
+        buckets = [idx.cpu()[perm[b * self.s:(b + 1) * self.s]].tolist() for b in range(nb)]
+        return g, make_report(self.name, U.shape[0], idx, scores, keep, "bucket_rejected",
+                              s=self.s, buckets=buckets, inner=rep)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def __repr__(self):
+        return f"Bucketing(s={self.s}, inner={self.inner!r})"
+
+
+class DnC(Aggregator):
+    """Divide-and-Conquer (Shejwalkar & Houmansadr, NDSS 2021). Each of ``iterations`` rounds
+    samples b coordinates (from ``ctx.generator``), centres the sub-matrix, scores each row by its
+    squared projection on the top right singular vector and drops the ceil(c f) highest; the
+    rows kept in every round are averaged. Needs n > ceil(c f). If the kept sets do not intersect,
+    the rows kept most often are used (``info['fallback']``). Report scores: mean outlier score."""
+
+    name = "dnc"
+
+    def __init__(self, f: int, c: float, b: int, iterations: int):
+        self.f = check_nonneg_int(self.name, "f", f)
+        self.c = check_positive(self.name, "c", c)
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise PhalanxError(f"{self.name}: b (coordinates sampled) must be an integer >= 1, got {b!r}")
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise PhalanxError(f"{self.name}: iterations must be an integer >= 1, got {iterations!r}")
+        self.b, self.iterations = b, iterations
+
+    def __call__(self, U, w, ctx: RoundContext):
+        Ua, _, idx = prepare(self.name, U, w)
+        n, d = Ua.shape
+        drop = math.ceil(self.c * self.f - 1e-9)
+        require_rows(self.name, n, drop + 1, "n > c*f", self.f)
+        b = min(self.b, d)
+        votes = torch.zeros(n, dtype=torch.long)
+        total = torch.zeros(n, dtype=torch.float64)
+        for _ in range(self.iterations):
+            cols = torch.randperm(d, generator=ctx.generator)[:b].sort().values
+            sub = Ua[:, cols.to(Ua.device)].double()
+            sub = sub - sub.mean(0, keepdim=True)
+            v = torch.linalg.svd(sub, full_matrices=False).Vh[0]
+            score = (sub @ v).square().cpu()
+            total += score
+            keep = torch.ones(n, dtype=torch.bool)
+            if drop > 0:
+                keep[torch.topk(score, drop).indices] = False
+            votes += keep.long()
+        keep = votes == self.iterations
+        fallback = not bool(keep.any())
+        if fallback:
+            keep = votes == votes.max()
+        g = finite_or_raise(self.name, combine(keep.double() / keep.sum(), Ua))
+        return g, make_report(self.name, U.shape[0], idx, total / self.iterations, keep, "outlier",
+                              f=self.f, removed_per_iteration=drop, fallback=fallback)
+
+    def __repr__(self):
+        return f"DnC(f={self.f}, c={self.c}, b={self.b}, iterations={self.iterations})"
+
+
+@DEFENSES.register("nnm")
+def nnm(f: int = 0) -> Layer:
+    """Nearest Neighbour Mixing layer (Allouah et al. 2023): each row -> mean of its n - f nearest."""
+    return NNM(f)
+
+
+@DEFENSES.register("bucketing")
+def bucketing(s: int = 2, aggregator: str = "mean", **params: Any) -> Aggregator:
+    """Bucketing (Karimireddy et al. 2022): means of random buckets of s rows, then ``aggregator``
+    built with ``params`` (pass f = the number of Byzantine clients; see Bucketing)."""
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+        raise PhalanxError(f"bucketing: s (bucket size) must be an integer >= 1, got {s!r}")
+    if not isinstance(aggregator, str) or aggregator == "bucketing":
+        raise PhalanxError(f"bucketing: aggregator must name a registered aggregator other than "
+                           f"bucketing, got {aggregator!r}")
+    inner = DEFENSES.build(aggregator, **params)
+    if not isinstance(inner, Aggregator):
+        raise PhalanxError(f"bucketing: aggregator must be an Aggregator, got {aggregator!r} "
+                           f"({type(inner).__name__})")
+    return Bucketing(s, inner, aggregator)
+
+
+@DEFENSES.register("dnc")
+def dnc(f: int = 0, c: float = 1.0, b: int = 10000, iterations: int = 5) -> Aggregator:
+    """Divide-and-Conquer (Shejwalkar & Houmansadr, NDSS 2021): SVD outlier filtering on random
+    coordinate subsets; drops ceil(c f) rows per iteration and keeps the intersection."""
+    return DnC(f, c, b, iterations)

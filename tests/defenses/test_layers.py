@@ -1,0 +1,147 @@
+"""Validation, clipping and reputation layers."""
+
+import numpy as np
+import pytest
+import torch
+
+from phalanx.context import simple_round_context
+from phalanx.defenses.base import Aggregator, Report
+from phalanx.defenses.clip import Clip
+from phalanx.defenses.pipeline import Pipeline
+from phalanx.defenses.reputation import Reputation
+from phalanx.defenses.validate import INGEST_KEY, Validate, collect_updates
+from phalanx.errors import PhalanxError
+
+
+class Mean(Aggregator):
+    name = "test_mean"
+
+    def __call__(self, U, w, ctx):
+        return (U * w[:, None]).sum(0) / w.sum(), Report(self.name, U.shape[0])
+
+
+def honest(n=8, d=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.ones(d) + 0.3 * torch.randn(n, d, generator=g)
+
+
+# ---------------------------------------------------------------- validation
+def test_validate_rejects_each_bad_row_with_its_reason():
+    U = honest(10)
+    U[2, 3] = float("nan")
+    U[5, 0] = float("inf")
+    U[7] *= 100.0
+    ctx = simple_round_context(U)
+    U2, w2, rep = Validate()(U, torch.ones(10), ctx)
+    assert rep.reasons == {2: "nonfinite", 5: "nonfinite", 7: "norm_outlier"}
+    assert torch.equal(w2 == 0, torch.tensor([i in (2, 5, 7) for i in range(10)]))
+    assert torch.isfinite(U2).all()
+    keep = [i for i in range(10) if i not in (2, 5, 7)]
+    assert torch.equal(U2[keep], U[keep])
+
+
+def test_collect_updates_reasons_reach_the_report():
+    d = 6
+    raw = [torch.ones(d), torch.ones(d + 1), torch.ones(d, dtype=torch.int64), "junk", np.ones(d, np.float64)]
+    U, reasons = collect_updates(raw, d)
+    assert reasons == {1: "wrong_size", 2: "bad_dtype", 3: "not_a_tensor"}
+    assert U.shape == (5, d) and U.dtype == torch.float32 and torch.equal(U[4], torch.ones(d))
+    ctx = simple_round_context(U)
+    ctx.extras[INGEST_KEY] = reasons
+    _, w, rep = Validate()(U, torch.ones(5), ctx)
+    assert rep.reasons == reasons and w.tolist() == [1, 0, 0, 0, 1]
+
+
+def test_validate_never_raises_on_all_bad_rows_but_refuses_a_wrong_model():
+    U = torch.full((4, 5), float("nan"))
+    _, w, rep = Validate()(U, torch.ones(4), simple_round_context(U))
+    assert w.sum() == 0 and set(rep.reasons.values()) == {"nonfinite"}
+    with pytest.raises(PhalanxError, match="5 columns, the model has 3"):
+        Validate()(U, torch.ones(4), simple_round_context(U, global_params=torch.zeros(3)))
+
+
+def test_pipeline_skips_a_round_when_everyone_is_rejected():
+    U = torch.full((4, 5), float("nan"))
+    g, rep = Pipeline([Validate()], Mean())(U, torch.ones(4), simple_round_context(U))
+    assert torch.equal(g, torch.zeros(5)) and rep.info["skipped"]
+
+
+# ---------------------------------------------------------------- clipping
+def test_fixed_clip_bounds_norms_and_leaves_small_rows():
+    U = honest(6) * torch.tensor([0.01, 1, 2, 3, 4, 5])[:, None]
+    U2, _, rep = Clip(max_norm=3.0)(U, torch.ones(6), simple_round_context(U))
+    norms = U2.norm(dim=1)
+    assert (norms <= 3.0 + 1e-4).all()
+    assert torch.equal(U2[0], U[0])
+    assert torch.allclose(U2[5] / U2[5].norm(), U[5] / U[5].norm())  # direction kept
+
+
+def test_auto_clip_uses_median_norm():
+    U = honest(5) * torch.tensor([1.0, 2, 3, 4, 50])[:, None]
+    med = float(U.norm(dim=1).median())
+    U2, _, rep = Clip("auto")(U, torch.ones(5), simple_round_context(U))
+    assert rep.info["bound"] == pytest.approx(med, rel=1e-6)
+    assert float(U2.norm(dim=1).max()) == pytest.approx(med, rel=1e-4)
+
+
+def test_quantile_clip_tracks_the_quantile_across_rounds():
+    clip = Clip("quantile", quantile=0.5, eta=0.3, initial=0.01)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        U = torch.randn(50, 20, generator=g)  # norms concentrate near sqrt(20) = 4.47
+        clip(U, torch.ones(50), simple_round_context(U))
+    assert 3.8 < clip.bound < 5.2
+    other = Clip("quantile")
+    other.load_state_dict(clip.state_dict())
+    assert other.bound == clip.bound
+
+
+def test_clip_bad_parameters():
+    with pytest.raises(PhalanxError, match="max_norm must be"):
+        Clip("median")
+    with pytest.raises(PhalanxError, match="max_norm must be a number > 0"):
+        Clip(-1.0)
+    with pytest.raises(PhalanxError, match="quantile must be in"):
+        Clip("quantile", quantile=1.5)
+
+
+# ---------------------------------------------------------------- reputation
+def simulate(rounds, attacker_until, n=10, seed=0):
+    """Client 0 sign-flips for rounds < attacker_until; returns per-round quarantine status of client 0."""
+    rep = Reputation(use_validation=False)
+    pipe = Pipeline([rep], Mean())
+    status = []
+    for r in range(rounds):
+        U = honest(n, seed=seed + r)
+        if r < attacker_until:
+            U[0] = -U[0]
+        ctx = simple_round_context(U, round=r)
+        _, report = pipe(U, torch.ones(n), ctx)
+        status.append("c0" in rep.quarantined)
+    return rep, status
+
+
+def test_reputation_quarantines_a_persistent_sign_flipper():
+    rep, status = simulate(10, attacker_until=10)
+    first = status.index(True)
+    assert first <= 3 and all(status[first:])
+    assert all(rep.score(f"c{i}") > 0.8 for i in range(1, 10))
+    assert not any(f"c{i}" in rep.quarantined for i in range(1, 10))
+
+
+def test_reputation_lets_a_reformed_client_back():
+    rep, status = simulate(20, attacker_until=6)
+    assert status[5] is True
+    back = next(i for i in range(6, 20) if not status[i])
+    assert back - 6 <= 5 and not any(status[back:])
+    assert rep.history["c0"][-1] > 0.5
+
+
+def test_reputation_state_round_trip_and_unknown_prior():
+    rep, _ = simulate(5, attacker_until=5)
+    other = Reputation()
+    other.load_state_dict(rep.state_dict())
+    assert other.quarantined == rep.quarantined and other.scores == rep.scores
+    assert other.score("never-seen") == other.prior
+    with pytest.raises(PhalanxError, match="release must be >= threshold"):
+        Reputation(threshold=0.5, release=0.4)

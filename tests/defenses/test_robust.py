@@ -1,0 +1,352 @@
+"""Robust aggregators: hand-worked cases, slow references, bounds, attacks, weights, state."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import phalanx.defenses  # noqa: F401  (registers the defenses)
+from phalanx.context import simple_round_context
+from phalanx.defenses import robust
+from phalanx.errors import BoundError, PhalanxError
+from phalanx.registry import DEFENSES
+
+DETERMINISTIC = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geomed",
+                 "centered_clipping"]
+
+
+def run(name, U, w=None, **params):
+    agg = DEFENSES.build(name, **params)
+    w = torch.ones(U.shape[0]) if w is None else w
+    return agg(U, w, simple_round_context(U))
+
+
+def attacked(n=20, f=4, d=30, seed=0, value=1e6):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, generator=gen)
+    U = base + 0.1 * torch.randn(n, d, generator=gen)
+    U[:f] = value
+    return U, U[f:]
+
+
+# ------------------------------------------------------------------ hand-worked cases
+
+def test_median_by_hand_odd_and_even():
+    U = torch.tensor([[1.0, 5.0, -2.0], [3.0, 0.0, 7.0], [2.0, 9.0, 4.0]])
+    g, rep = run("median", U)
+    assert g.tolist() == [2.0, 5.0, 4.0]
+    assert rep.selected.all()
+    g, _ = run("median", torch.tensor([[1.0], [4.0], [2.0], [10.0]]))
+    assert g.tolist() == [3.0]  # mean of the two middle values
+
+
+def test_trimmed_mean_by_hand():
+    U = torch.tensor([[1.0, 0.0], [100.0, 1.0], [3.0, 2.0], [-50.0, 3.0], [2.0, 400.0]])
+    g, _ = run("trimmed_mean", U, f=1)
+    assert torch.allclose(g, torch.tensor([2.0, 2.0]))
+
+
+def test_krum_and_multi_krum_by_hand():
+    # points 0, 1, 2.5, 10, 11; f=1 -> each score sums the n - f - 2 = 2 nearest squared distances
+    U = torch.tensor([[0.0], [1.0], [2.5], [10.0], [11.0]])
+    g, rep = run("krum", U, f=1)
+    assert g.tolist() == [1.0]
+    assert torch.allclose(rep.scores, torch.tensor([7.25, 3.25, 8.5, 57.25, 73.25], dtype=torch.float64))
+    assert rep.selected.tolist() == [False, True, False, False, False]
+    g, rep = run("multi_krum", U, f=1, m=3)
+    assert torch.allclose(g, torch.tensor([3.5 / 3]))
+    assert rep.selected.tolist() == [True, True, True, False, False]
+    g, rep = run("multi_krum", U, f=1)  # default m = n - f = 4
+    assert torch.allclose(g, torch.tensor([13.5 / 4]))
+
+
+def test_bulyan_by_hand():
+    # n = 7, f = 1: theta = 5 rows by iterated Krum (drops the outlier 100 and then 9),
+    # beta = 3 values closest to the median of {0, 1, 2, 3, 4}: {1, 2, 3} -> 2
+    U = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0], [9.0], [100.0]])
+    g, rep = run("bulyan", U, f=1)
+    assert g.tolist() == [2.0]
+    assert rep.selected.tolist() == [True] * 5 + [False, False]
+
+
+# ------------------------------------------------------------------ slow references
+
+def ref_krum_scores(U, f):
+    U = U.double()
+    n = U.shape[0]
+    scores = []
+    for i in range(n):
+        ds = sorted(float(((U[i] - U[j]) ** 2).sum()) for j in range(n) if j != i)
+        scores.append(sum(ds[: n - f - 2]))
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def ref_bulyan(U, f):
+    n = U.shape[0]
+    theta, beta = n - 2 * f, n - 4 * f
+    remaining, chosen = list(range(n)), []
+    for _ in range(theta):
+        sub = U[remaining]
+        r = len(remaining)
+        k = min(max(r - f - 2, 1), r - 1)
+        sc = []
+        for i in range(r):
+            ds = sorted(float(((sub[i] - sub[j]) ** 2).sum()) for j in range(r) if j != i)
+            sc.append(sum(ds[:k]))
+        best = remaining[int(np.argmin(sc))]
+        chosen.append(best)
+        remaining.remove(best)
+    S = U[sorted(chosen)].numpy()
+    out = []
+    for col in S.T:
+        med = np.median(col)
+        out.append(col[np.argsort(np.abs(col - med), kind="stable")[:beta]].mean())
+    return torch.tensor(out, dtype=torch.float32), sorted(chosen)
+
+
+def ref_weiszfeld(U, w, iters=2000):
+    X = U.double().numpy()
+    a = w.double().numpy() / w.double().sum().item()
+    v = a @ X
+    for _ in range(iters):
+        dist = np.maximum(np.linalg.norm(X - v, axis=1), 1e-12)
+        v = (a / dist) @ X / (a / dist).sum()
+    return v
+
+
+@pytest.mark.parametrize("n", [7, 10])
+def test_median_and_trimmed_mean_match_reference(n):
+    U = torch.randn(n, 40, generator=torch.Generator().manual_seed(n))
+    g, _ = run("median", U)
+    assert torch.allclose(g, torch.from_numpy(np.median(U.numpy(), axis=0)), atol=1e-6)
+    f = 2
+    g, _ = run("trimmed_mean", U, f=f)
+    ref = torch.stack([torch.sort(U[:, j]).values[f:n - f].mean() for j in range(U.shape[1])])
+    assert torch.allclose(g, ref, atol=1e-5)
+
+
+def test_column_blocks_and_threads_match_reference(monkeypatch):
+    """Force many tiny column blocks (and the thread pool) and compare with numpy."""
+    n, d = 9, 1000
+    U = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(robust, "_BLOCK_BYTES", 4 * n * 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g, _ = run("median", U)
+        g2, _ = run("trimmed_mean", U, f=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(g, torch.from_numpy(np.median(U.numpy(), axis=0)).float())
+    g = g2
+    ref = torch.from_numpy(np.sort(U.numpy(), axis=0)[3:6].mean(0))
+    assert torch.allclose(g, ref, atol=1e-6)
+
+
+def test_krum_scores_match_pairwise_loop():
+    U = torch.randn(12, 25, generator=torch.Generator().manual_seed(3))
+    _, rep = run("krum", U, f=3)
+    assert torch.allclose(rep.scores, ref_krum_scores(U, 3), rtol=1e-9, atol=1e-9)
+    g, rep = run("multi_krum", U, f=3, m=5)
+    chosen = torch.argsort(ref_krum_scores(U, 3))[:5]
+    assert torch.allclose(g, U[chosen].mean(0), atol=1e-6)
+
+
+def test_bulyan_matches_reference():
+    U = torch.randn(15, 20, generator=torch.Generator().manual_seed(4))
+    g, rep = run("bulyan", U, f=3)
+    ref, chosen = ref_bulyan(U, 3)
+    assert torch.nonzero(rep.selected).flatten().tolist() == chosen
+    assert torch.allclose(g, ref, atol=1e-6)
+
+
+def test_geomed_matches_weiszfeld_and_minimises_objective():
+    U = torch.randn(9, 6, generator=torch.Generator().manual_seed(5))
+    w = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0, 1.0, 0.5, 1.0, 2.0])
+    g, rep = run("geomed", U, w, iterations=1000, tol=1e-12)
+    ref = ref_weiszfeld(U, w)
+    assert np.allclose(g.double().numpy(), ref, atol=1e-4)
+    a = (w / w.sum()).double()
+
+    def obj(v):
+        return float((a * (U.double() - v.double()).norm(dim=1)).sum())
+
+    assert obj(g) <= obj((a.float() @ U)) + 1e-9
+    assert all(obj(g) <= obj(U[i]) + 1e-9 for i in range(9))
+    assert rep.info["iterations"] >= 1
+
+
+def test_centered_clipping_matches_loop_and_keeps_center():
+    U = torch.randn(8, 5, generator=torch.Generator().manual_seed(6)) * 3
+    tau, L = 1.5, 3
+    agg = DEFENSES.build("centered_clipping", tau=tau, iterations=L)
+    ctx = simple_round_context(U)
+    g1, rep = agg(U, torch.ones(8), ctx)
+
+    def ref(v):
+        for _ in range(L):
+            step = torch.zeros_like(v)
+            for x in U:
+                diff = x - v
+                step += diff * min(1.0, tau / float(diff.norm()))
+            v = v + step / len(U)
+        return v
+
+    assert torch.allclose(g1, ref(torch.zeros(5)), atol=1e-5)
+    g2, _ = agg(U, torch.ones(8), ctx)
+    assert torch.allclose(g2, ref(g1), atol=1e-5)  # second round starts from the first aggregate
+    assert rep.info["clipped"] > 0
+
+
+def test_centered_clipping_state_round_trip():
+    U = torch.randn(6, 4, generator=torch.Generator().manual_seed(7))
+    a = DEFENSES.build("centered_clipping", tau=0.5)
+    ctx = simple_round_context(U)
+    a(U, torch.ones(6), ctx)
+    state = a.state_dict()
+    b = DEFENSES.build("centered_clipping", tau=0.5)
+    b.load_state_dict(state)
+    assert torch.equal(a(U, torch.ones(6), ctx)[0], b(U, torch.ones(6), ctx)[0])
+    with pytest.raises(PhalanxError, match="center"):
+        b.load_state_dict({"momentum": torch.zeros(4)})
+    b.load_state_dict({"center": torch.zeros(3)})
+    with pytest.raises(PhalanxError, match="d=3"):
+        b(U, torch.ones(6), ctx)
+
+
+# ------------------------------------------------------------------ under attack
+
+def test_coordinatewise_rules_stay_inside_honest_range():
+    U, H = attacked()
+    lo, hi = H.min(0).values, H.max(0).values
+    for name in ["median", "trimmed_mean", "bulyan"]:
+        g, _ = run(name, U, f=4)
+        assert bool(((g >= lo) & (g <= hi)).all()), name
+
+
+def test_krum_selects_only_honest_rows():
+    U, _ = attacked()
+    for name in ["krum", "multi_krum"]:
+        _, rep = run(name, U, f=4)
+        assert not rep.selected[:4].any(), name
+    _, rep = run("multi_krum", U, f=4)
+    assert rep.selected[4:].all()
+
+
+@pytest.mark.parametrize("name,bound", [("bulyan", 0.3), ("geomed", 0.3),
+                                        ("centered_clipping", 2.5 * 4 / 20 + 0.1),
+                                        ("multi_krum", 1e-5)])
+def test_stays_close_to_honest_mean(name, bound):
+    # honest rows: 0.1 per coordinate, radius ~0.1 * sqrt(30) = 0.55 around their mean; the bound
+    # 0.3 is about half that radius. CC with tau = 2.5 moves at most tau * f / n per iteration.
+    U, H = attacked()
+    params = {"tau": 2.5, "iterations": 1} if name == "centered_clipping" else {}
+    g, _ = run(name, U, f=4, **params)
+    if name == "centered_clipping":  # from a center at the honest mean (as after warm-up)
+        agg = DEFENSES.build(name, tau=2.5, iterations=1)
+        agg.load_state_dict({"center": H.mean(0)})
+        g, _ = agg(U, torch.ones(20), simple_round_context(U))
+    assert float((g - H.mean(0)).norm()) <= bound, name
+
+
+def test_mean_is_broken_by_one_outlier():
+    U, H = attacked(f=1)
+    g, _ = run("mean", U)
+    assert float((g - H.mean(0)).norm()) > 1e3
+
+
+# ------------------------------------------------------------------ properties
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_permutation_invariance(name):
+    U = torch.randn(15, 12, generator=torch.Generator().manual_seed(8))
+    perm = torch.randperm(15, generator=torch.Generator().manual_seed(9))
+    params = {} if name in ("mean", "median") else {"f": 3}
+    g1, r1 = run(name, U, **params)
+    ctx = simple_round_context(U[perm])
+    ctx.client_ids = [f"c{i}" for i in perm.tolist()]
+    g2, r2 = DEFENSES.build(name, **params)(U[perm], torch.ones(15), ctx)
+    assert torch.allclose(g1, g2, atol=1e-6), name
+    assert torch.equal(r1.selected[perm], r2.selected)
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_zero_weight_rows_are_ignored(name):
+    U = torch.randn(16, 10, generator=torch.Generator().manual_seed(10))
+    w = torch.ones(16)
+    w[[2, 7, 11]] = 0.0
+    U_dirty = U.clone()
+    U_dirty[[2, 7, 11]] = 1e9
+    keep = w > 0
+    params = {} if name in ("mean", "median") else {"f": 2}
+    g1, r1 = run(name, U_dirty, w, **params)
+    g2, _ = run(name, U[keep], **params)
+    assert torch.allclose(g1, g2, atol=1e-6), name
+    assert not r1.selected[[2, 7, 11]].any()
+    assert r1.n == 16
+
+
+def test_mean_is_weighted():
+    U = torch.tensor([[0.0, 0.0], [4.0, 8.0]])
+    g, rep = run("mean", U, torch.tensor([3.0, 1.0]))
+    assert g.tolist() == [1.0, 2.0]
+    assert rep.scores.tolist() == [0.75, 0.25]
+
+
+@pytest.mark.parametrize("name,n,f,msg", [
+    ("krum", 8, 3, "krum: needs n > 2f + 2 clients, got n=8, f=3"),
+    ("multi_krum", 6, 2, "multi_krum: needs n > 2f + 2 clients, got n=6, f=2"),
+    ("bulyan", 10, 2, "bulyan: needs n >= 4f + 3 clients, got n=10, f=2"),
+    ("trimmed_mean", 6, 3, "trimmed_mean: needs n > 2f clients, got n=6, f=3"),
+])
+def test_bounds_raise_bound_error_naming_n_and_f(name, n, f, msg):
+    U = torch.randn(n, 4)
+    with pytest.raises(BoundError) as e:
+        run(name, U, f=f)
+    assert str(e.value) == msg
+
+
+def test_bounds_count_active_rows_only():
+    U = torch.randn(9, 4)
+    w = torch.ones(9)
+    w[:2] = 0  # 7 active rows < 2f + 3 = 9
+    with pytest.raises(BoundError, match="n=7, f=3"):
+        run("krum", U, w, f=3)
+
+
+@pytest.mark.parametrize("name,params,param", [
+    ("krum", {"f": -1}, "f"), ("trimmed_mean", {"f": 1.5}, "f"), ("bulyan", {"f": True}, "f"),
+    ("multi_krum", {"f": 1, "m": 0}, "m"), ("median", {"f": -2}, "f"),
+    ("centered_clipping", {"tau": 0}, "tau"), ("centered_clipping", {"tau": -1.0}, "tau"),
+    ("centered_clipping", {"iterations": 0}, "iterations"), ("geomed", {"nu": 0}, "nu"),
+    ("geomed", {"iterations": 0}, "iterations"), ("geomed", {"tol": -1}, "tol"),
+])
+def test_factories_reject_bad_hyperparameters_at_once(name, params, param):
+    with pytest.raises(PhalanxError, match=f"{name}: {param} must be"):
+        DEFENSES.build(name, **params)
+
+
+def test_bad_inputs_get_clear_errors():
+    agg = DEFENSES.build("median")
+    U = torch.randn(4, 3)
+    ctx = simple_round_context(U)
+    with pytest.raises(PhalanxError, match="shape"):
+        agg(U[0], torch.ones(4), ctx)
+    with pytest.raises(PhalanxError, match=r"w must have shape \[4\]"):
+        agg(U, torch.ones(3), ctx)
+    with pytest.raises(PhalanxError, match=">= 0"):
+        agg(U, torch.tensor([1.0, -1.0, 1.0, 1.0]), ctx)
+    with pytest.raises(PhalanxError, match="every row has weight 0"):
+        agg(U, torch.zeros(4), ctx)
+    V = U.clone()
+    V[0, 0] = math.nan
+    with pytest.raises(PhalanxError, match="non-finite"):
+        DEFENSES.build("mean")(V, torch.ones(4), ctx)
+
+
+def test_median_tolerates_a_minority_of_nan_rows():
+    U, H = attacked(n=9, f=3, value=math.nan)
+    g, _ = run("median", U)
+    assert bool(torch.isfinite(g).all())
+    assert bool(((g >= H.min(0).values) & (g <= H.max(0).values)).all())
