@@ -59,6 +59,8 @@ class FederationConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)
     weighting: Literal["samples", "uniform"] = "samples"
+    engine: Literal["sequential", "vectorized"] = Field(
+        "vectorized", description="local training all clients at once (torch.func), or one at a time")
     eval_every: int = Field(1, ge=1)
     signing: bool = Field(False, description="clients sign their updates (ECDSA P-256); pair with "
                                              "the 'verify' defense layer")

@@ -32,7 +32,7 @@ from .errors import ConfigError
 from .metrics import client_stats, detection
 from .models import build_model
 from .registry import ATTACKS, DEFENSES, POISONS
-from .training import LocalSpec, evaluate, local_update
+from .training import LocalSpec, evaluate, local_update, vectorized_updates
 from .updates import flatten_params
 
 
@@ -178,6 +178,15 @@ class Federation:
         return torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, rnd, client]).integers(2**62)))
 
     def train_clients(self, rnd: int, chosen: np.ndarray, attacking: bool) -> tuple[torch.Tensor, list[float]]:
+        if self.cfg.federation.engine == "vectorized":
+            data = [(self.data.x_train[self.parts[c]], self.data.y_train[self.parts[c]]) for c in chosen]
+            gens = [self.client_generator(rnd, int(c)) for c in chosen]
+            poisons = [self.poisons.get(int(c)) if attacking else None for c in chosen]
+            U, losses = vectorized_updates(self.model, self.params, data, self.spec, gens, poisons)
+            for i, c in enumerate(chosen):
+                for hook in self.hooks.client_update:
+                    U[i] = hook(U[i], self.client_ids[c], rnd)
+            return U, losses
         rows, losses = [], []
         for c in chosen:
             idx = self.parts[c]

@@ -83,3 +83,66 @@ def predict(model: nn.Module, params: torch.Tensor, x: torch.Tensor, batch_size:
     load_flat(model, params)
     model.eval()
     return torch.cat([model(x[s:s + batch_size]).argmax(1) for s in range(0, len(x), batch_size)])
+
+
+def vectorized_updates(model: nn.Module, global_params: torch.Tensor, data: list[tuple[torch.Tensor, torch.Tensor]],
+                       spec: LocalSpec, gens: list[torch.Generator], poisons: list[Poison | None]) -> tuple[torch.Tensor, list[float]]:
+    """Local training of k clients at once with ``torch.func.vmap``: the fast path.
+
+    It runs the same SGD as ``local_update`` (same shuffles and poison draws from each client's
+    generator, same momentum rule, the last short batch included), with every client's step
+    batched into one call; clients with fewer batches sit idle once they are done. Results
+    agree with the sequential reference up to floating-point rounding.
+    Returns (U [k, d], mean training loss per client).
+    """
+    from torch.func import functional_call, grad_and_value, vmap
+
+    k, B = len(data), spec.batch_size
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+
+    def loss_fn(flat, xb, yb, mb):
+        params = {n: t.view(s) for n, t, s in zip(names, flat.split(sizes), shapes)}
+        ce = F.cross_entropy(functional_call(model, params, (xb,)), yb, reduction="none")
+        return (ce * mb).sum() / mb.sum().clamp_min(1.0)
+
+    step_fn = vmap(grad_and_value(loss_fn))
+    theta = global_params.detach().expand(k, -1).clone()
+    buf = torch.zeros_like(theta)
+    counts = [len(y) for _, y in data]
+    per_epoch = [-(-n // B) for n in counts]
+    budget = [min(spec.epochs * s, spec.max_steps or 10**12) for s in per_epoch]
+    done = [0] * k
+    losses = torch.zeros(k, dtype=torch.float64)
+    xshape = data[0][0].shape[1:]
+    model.train()
+    for _ in range(spec.epochs):
+        orders = [torch.randperm(n, generator=g) if done[c] < budget[c] else None
+                  for c, (n, g) in enumerate(zip(counts, gens))]
+        for s in range(max(per_epoch)):
+            live = [c for c in range(k) if orders[c] is not None and s < per_epoch[c] and done[c] < budget[c]]
+            if not live:
+                break
+            xb = torch.zeros(k, B, *xshape)
+            yb = torch.zeros(k, B, dtype=torch.long)
+            mb = torch.zeros(k, B)
+            for c in live:
+                idx = orders[c][s * B:(s + 1) * B]
+                x, y = data[c][0][idx], data[c][1][idx]
+                if poisons[c] is not None:
+                    x, y = poisons[c](x, y, gens[c])
+                xb[c, :len(y)], yb[c, :len(y)], mb[c, :len(y)] = x, y, 1.0
+            grads, vals = step_fn(theta, xb, yb, mb)
+            on = torch.zeros(k, dtype=torch.bool)
+            on[live] = True
+            if spec.weight_decay:
+                grads = grads + spec.weight_decay * theta
+            new_buf = spec.momentum * buf + grads if spec.momentum else grads
+            buf = torch.where(on[:, None], new_buf, buf)
+            theta = torch.where(on[:, None], theta - spec.lr * buf, theta)
+            losses += torch.where(on, vals.double(), torch.zeros((), dtype=torch.float64))
+            for c in live:
+                done[c] += 1
+    U = theta - global_params
+    return U, [float(losses[c]) / max(done[c], 1) for c in range(k)]

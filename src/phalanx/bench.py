@@ -1,0 +1,561 @@
+"""Attack x defense grids: expand a YAML spec into cells, run them in parallel, resumably.
+
+A grid is ``base`` (an experiment config) crossed with the axes ``datasets``, ``partitions``,
+``byzantine`` fractions, ``attacks`` (label -> family + attack block), ``defenses`` (label ->
+stages, optionally with federation overrides) and ``seeds``. A cell's key is a hash of its
+resolved config (fields at their defaults and the name left out), so a cell already stored with
+status 'done' is skipped and an interrupted grid resumes where it stopped. A clean entry
+(``family: none``) is added when the grid has none: it is the reference for the report's ticks.
+
+Workers are 'spawn' processes with one torch thread each; every worker writes its runs to the
+same SQLite store (WAL mode, busy timeout). The grid's layout is kept in the ``bench_grids`` and
+``bench_cells`` tables, and the optional leakage audit (``privacy``) in ``bench_privacy`` and
+``bench_privacy_map``; see :mod:`phalanx.report` for the tables and plots.
+
+The leakage audit rule: the attacker (the server, or anyone on the wire) runs iDLG on LeNet with
+sigmoid activations, batch size 1, one Fashion-MNIST test image per seed, against the update a
+single client sends *after* the defense's transforms that touch an individual update, applied
+in stage order: ``clip``/``update_clip`` with a fixed bound clip it (data-dependent bounds,
+'auto' and 'quantile', leave it as is), ``grad_noise`` adds its noise, ``prune`` prunes,
+``central_dp`` (and ``weak_dp``) clip to their bound and add their aggregate noise seen at the
+scale of one update (n * sigma, which is z * C for central DP). Every other stage (robust
+aggregators, validation, reputation, signatures) lets a selected update through unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .config import DefenseItem, apply_overrides, defense_item, parse_config
+from .errors import ConfigError, PhalanxError
+from .store import Store
+
+FAMILIES = ("random", "adaptive", "backdoor", "none")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS bench_grids (grid TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL);
+CREATE TABLE IF NOT EXISTS bench_cells (
+    grid TEXT NOT NULL, dataset TEXT, partition TEXT, byzantine REAL, attack TEXT, family TEXT,
+    defense TEXT, seed INTEGER, cell TEXT NOT NULL,
+    PRIMARY KEY (grid, dataset, partition, byzantine, attack, defense, seed));
+CREATE TABLE IF NOT EXISTS bench_privacy (
+    probe TEXT PRIMARY KEY, rule TEXT, seed INTEGER, psnr REAL, ssim REAL, label_acc REAL,
+    seconds REAL, at REAL);
+CREATE TABLE IF NOT EXISTS bench_privacy_map (
+    grid TEXT NOT NULL, defense TEXT NOT NULL, seed INTEGER NOT NULL, probe TEXT NOT NULL,
+    PRIMARY KEY (grid, defense, seed));
+"""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PartitionSpec(_Strict):
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float | None = Field(None, gt=0)
+    shards_per_client: int | None = Field(None, ge=1)
+
+    def label(self) -> str:
+        arg = {"dirichlet": self.alpha, "shards": self.shards_per_client}.get(self.partition)
+        return f"{self.partition}({arg:g})" if arg is not None else self.partition
+
+
+class AttackSpec(_Strict):
+    family: Literal["random", "adaptive", "backdoor", "none"]
+    name: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    poison: str | None = None
+    poison_params: dict[str, Any] = Field(default_factory=dict)
+    rounds: Union[list[int], str, None] = None
+    federation: dict[str, Any] = Field(default_factory=dict, description="federation overrides")
+
+
+class DefenseSpec(_Strict):
+    stages: list[DefenseItem] = Field(min_length=1)
+    federation: dict[str, Any] = Field(default_factory=dict, description="e.g. signing, server_data")
+
+
+class PrivacySpec(_Strict):
+    seeds: int = Field(3, ge=1)
+    steps: int = Field(200, ge=1)
+    attack: Literal["idlg", "dlg", "ig"] = "idlg"
+    dataset: str = "fashion-mnist"
+
+
+class GridSpec(_Strict):
+    name: str = "grid"
+    base: dict[str, Any] = Field(default_factory=dict)
+    datasets: list[str] | None = Field(None, min_length=1)
+    partitions: list[PartitionSpec] | None = Field(None, min_length=1)
+    byzantine: list[float] | None = Field(None, min_length=1)
+    attacks: dict[str, AttackSpec] = Field(min_length=1)
+    defenses: dict[str, DefenseSpec] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    workers: int = Field(1, ge=1)
+    baseline: str | None = Field(None, description="defense label of the reference (default: [mean])")
+    privacy: PrivacySpec | None = None
+
+    @field_validator("defenses", mode="before")
+    @classmethod
+    def _lists(cls, v):
+        if isinstance(v, dict):
+            return {k: {"stages": d} if isinstance(d, list) else d for k, d in v.items()}
+        return v
+
+    @field_validator("byzantine")
+    @classmethod
+    def _fractions(cls, v):
+        if v is not None and any(b < 0 for b in v):
+            raise ValueError(f"every fraction (or count) must be >= 0, got {v}")
+        return v
+
+    def stages(self, label: str) -> DefenseSpec:
+        return self.defenses[label]
+
+    def baseline_label(self) -> str | None:
+        if self.baseline is not None:
+            return self.baseline
+        return next((k for k in self.defenses if self.stages(k).stages == ["mean"]), None)
+
+
+_MODELS = {"attacks": AttackSpec, "defenses": DefenseSpec, "privacy": PrivacySpec, "partitions": PartitionSpec}
+
+
+def _format(e: ValidationError) -> str:
+    out = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"]]
+        path = ".".join(loc) or "grid"
+        if err["type"] == "extra_forbidden":
+            model = GridSpec if len(loc) == 1 else _MODELS.get(loc[0], GridSpec)
+            out.append(f"{path}: unknown key; allowed: {', '.join(model.model_fields)}")
+        elif err["type"] == "missing":
+            out.append(f"{path}: required")
+        else:
+            given = err.get("input")
+            out.append(f"{path}: {err['msg'].removeprefix('Value error, ')}"
+                       + ("" if isinstance(given, dict) else f" (got {given!r})"))
+    return "invalid grid: " + "; ".join(dict.fromkeys(out))
+
+
+def parse_grid(data: Any, name: str | None = None) -> GridSpec:
+    """A validated GridSpec from a mapping; unknown keys, bad labels and bad cells raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid grid: expected a mapping at the top level, got {type(data).__name__}")
+    data = dict(data)
+    if name and "name" not in data:
+        data["name"] = name
+    try:
+        spec = GridSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+    for label, a in spec.attacks.items():
+        if a.family == "none" and (a.name or a.poison):
+            raise ConfigError(f"attacks.{label}: family 'none' takes no name or poison, got "
+                              f"name={a.name!r}, poison={a.poison!r}")
+        if a.family != "none" and not (a.name or a.poison):
+            raise ConfigError(f"attacks.{label}: family {a.family!r} needs a name or a poison, got neither")
+    if not any(a.family == "none" for a in spec.attacks.values()):
+        spec.attacks = {"none": AttackSpec(family="none"), **spec.attacks}
+    base = spec.baseline_label()
+    if spec.baseline is not None and base not in spec.defenses:
+        raise ConfigError(f"baseline: must be a defense label ({', '.join(spec.defenses)}), got {base!r}")
+    return spec
+
+
+def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
+    """Read a grid YAML file and apply ``--set key.sub=value`` overrides."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"grid file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return parse_grid(apply_overrides(data, overrides or []), name=p.stem)
+
+
+# ---------------------------------------------------------------- expansion
+
+
+@dataclass
+class Cell:
+    key: str
+    config: dict[str, Any]
+    coords: dict[str, Any]
+    rounds: int
+
+    @property
+    def label(self) -> str:
+        c = self.coords
+        return f"{c['attack']} x {c['defense']} (seed {c['seed']}, {c['dataset']}, {c['partition']}, byz {c['byzantine']:g})"
+
+
+def cell_key(cfg) -> str:
+    """A stable hash of a resolved ExperimentConfig (its name and default-valued fields left out)."""
+    body = cfg.model_dump(mode="json", exclude_defaults=True)
+    body.pop("name", None)
+    return "c" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _merge(node: dict, path: str, updates: dict) -> None:
+    sub = node.setdefault(path, {})
+    if not isinstance(sub, dict):
+        raise ConfigError(f"base.{path}: expected a mapping, got {sub!r}")
+    sub.update(updates)
+
+
+def expand(spec: GridSpec) -> list[Cell]:
+    """Every cell of the grid, in axis order (datasets, partitions, byzantine, attacks, defenses, seeds)."""
+    import copy
+
+    base = spec.base
+    datasets = spec.datasets or [base.get("data", {}).get("dataset", "fashion-mnist")]
+    partitions = spec.partitions or [PartitionSpec(**{k: v for k, v in base.get("data", {}).items()
+                                                      if k in PartitionSpec.model_fields})]
+    fractions = spec.byzantine or [base.get("attack", {}).get("byzantine", 0.0)]
+    cells, seen = [], set()
+    for ds in datasets:
+        for part in partitions:
+            for byz in fractions:
+                for alabel, a in spec.attacks.items():
+                    for dlabel in spec.defenses:
+                        d = spec.stages(dlabel)
+                        for seed in spec.seeds:
+                            raw = copy.deepcopy(base)
+                            _merge(raw, "data", {"dataset": ds, **part.model_dump(exclude_none=True)})
+                            block = a.model_dump(exclude={"family", "federation"})
+                            raw["attack"] = {**block, "byzantine": byz}
+                            _merge(raw, "federation", {**d.federation, **a.federation})
+                            raw["defense"] = copy.deepcopy(d.stages)
+                            raw["seed"] = seed
+                            raw["name"] = f"{spec.name}/{alabel}/{dlabel}/s{seed}"
+                            coords = {"dataset": ds, "partition": part.label(), "byzantine": float(byz),
+                                      "attack": alabel, "family": a.family, "defense": dlabel, "seed": seed}
+                            try:
+                                cfg = parse_config(raw)
+                            except ConfigError as e:
+                                raise ConfigError(f"cell attack={alabel}, defense={dlabel}: {e}") from None
+                            ident = tuple(coords.values())
+                            if ident not in seen:
+                                seen.add(ident)
+                                cells.append(Cell(cell_key(cfg), cfg.model_dump(mode="json"), coords,
+                                                  cfg.federation.rounds))
+    _check_buildable(cells)
+    return cells
+
+
+def _check_buildable(cells: list[Cell]) -> None:
+    """Build each distinct attack and defense once, so a bad parameter fails before any cell runs."""
+    from .federation import build_defense
+    from .registry import ATTACKS
+
+    done: set[str] = set()
+    for c in cells:
+        cfg = c.config
+        probe = json.dumps([cfg["attack"]["name"], cfg["attack"]["params"], cfg["defense"],
+                            cfg["federation"].get("signing")], sort_keys=True)
+        if probe in done:
+            continue
+        done.add(probe)
+        try:
+            if cfg["attack"]["name"]:
+                ATTACKS.build(cfg["attack"]["name"], **cfg["attack"]["params"])
+            inject: dict[str, Any] = {}
+            if cfg["federation"].get("signing"):
+                from .defenses.signing import KeyRegistry
+
+                inject = {"registry": KeyRegistry(), "run_id": cfg["name"]}
+            build_defense(cfg["defense"], f=0, **inject)
+        except PhalanxError as e:
+            raise ConfigError(f"cell attack={c.coords['attack']}, defense={c.coords['defense']}: {e}") from None
+
+
+# ---------------------------------------------------------------- the leakage audit
+
+
+def audit_rule(stages: list, clients_per_round: int) -> list[list]:
+    """The transforms a single client's update goes through, as [op, value] pairs (see the module doc)."""
+    from .registry import DEFENSES
+
+    rule: list[list] = []
+    for item in stages:
+        name, params = defense_item(item)
+        sig = inspect.signature(DEFENSES.get(name)).parameters
+        p = {k: v.default for k, v in sig.items() if v.default is not inspect.Parameter.empty} | params
+        if name in ("clip", "update_clip") and isinstance(p.get("max_norm"), (int, float)):
+            rule.append(["clip", float(p["max_norm"])])
+        elif name == "grad_noise":
+            rule.append(["noise", float(p["sigma"]), p.get("kind", "gaussian")])
+        elif name == "prune":
+            rule.append(["prune", float(p["ratio"])])
+        elif name == "central_dp":
+            rule += [["clip", float(p["clip"])], ["noise", float(p["noise_multiplier"]) * float(p["clip"]), "gaussian"]]
+        elif name == "weak_dp":
+            bound = next((p[k] for k in ("max_norm", "clip", "norm_bound") if isinstance(p.get(k), (int, float))), None)
+            sigma = next((p[k] for k in ("sigma", "std", "noise") if isinstance(p.get(k), (int, float))), None)
+            rule += ([["clip", float(bound)]] if bound else []) + (
+                [["noise", float(sigma) * clients_per_round, "gaussian"]] if sigma else [])
+    return rule
+
+
+def privacy_probe(rule: list[list], seed: int, steps: int, attack: str = "idlg",
+                  dataset: str = "fashion-mnist") -> dict[str, Any]:
+    """iDLG (LeNet, sigmoid, batch 1) on one test image's gradient after ``rule``: PSNR, SSIM, label accuracy."""
+    import numpy as np
+    import torch
+
+    from .attacks.inversion import batch_gradient, invert
+    from .data import load_dataset
+    from .defenses.privacy import clip_update, grad_noise, prune
+    from .leakage import score
+    from .models import build_model
+
+    t0 = time.perf_counter()
+    ds = load_dataset(dataset)
+    i = int(np.random.default_rng([seed, 23]).integers(len(ds.y_test)))
+    x, y = ds.x_test[i:i + 1], ds.y_test[i:i + 1]
+    model = build_model("lenet", ds.in_shape, ds.num_classes, seed)
+    g = torch.cat([t.flatten() for t in batch_gradient(model, x, y)])
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 29]).integers(2**62)))
+    for op, value, *rest in rule:
+        if op == "clip":
+            g = clip_update(g, value)
+        elif op == "noise":
+            g = grad_noise(g, value, rest[0] if rest else "gaussian", gen)
+        elif op == "prune":
+            g = prune(g, value)
+    res = invert(model, g, attack=attack, batch_size=1, in_shape=ds.in_shape, steps=steps, restarts=1, seed=seed)
+    s = score(x, res.images, y, res.labels)
+    psnr = float(s.psnr[0])
+    return {"psnr": psnr if math.isfinite(psnr) else 99.0, "ssim": float(s.ssim[0]),
+            "label_acc": s.label_acc, "seconds": time.perf_counter() - t0}
+
+
+def probe_key(rule: list, seed: int, p: PrivacySpec) -> str:
+    body = json.dumps([rule, seed, p.steps, p.attack, p.dataset, 1])
+    return "p" + hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- running
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+_STORES: dict[str, Store] = {}
+
+
+def run_cell(key: str, config: dict, db: str, notify: Callable | None = None) -> dict[str, Any]:
+    """Run one cell and store it (status 'done', or 'failed' with the error). Never raises on bad input."""
+    import phalanx  # noqa: F401  (registers everything in a fresh worker)
+
+    from .federation import Federation
+
+    store = _STORES.get(db) or _STORES.setdefault(db, Store(db))
+    t0, fed = time.perf_counter(), None
+    try:
+        fed = Federation(parse_config(config))
+        fed.hooks.evaluators.append(_drift_probe(fed))
+        fed.hooks.evaluators.append(_reputation_probe(fed))
+        final = fed.run(store, cell=key, on_round=(lambda res: notify(key)) if notify else None)
+        return {"key": key, "status": "done", "final": final, "seconds": time.perf_counter() - t0}
+    except Exception as e:  # one failed cell is recorded and the grid goes on
+        msg = f"{type(e).__name__}: {e}" if not isinstance(e, PhalanxError) else str(e)
+        if fed is not None and getattr(fed, "run_id", None):
+            store.finish_run(fed.run_id, {"error": msg}, status="failed")
+        return {"key": key, "status": "failed", "error": msg, "seconds": time.perf_counter() - t0}
+
+
+def _drift_probe(fed) -> Callable:
+    """Round metric ``drift``: L2 distance of the global model from the previous evaluation."""
+    prev = {"p": fed.params.clone()}
+
+    def probe(params):
+        d = float((params.double() - prev["p"].double()).norm())
+        prev["p"] = params.clone()
+        return {"drift": d}
+
+    return probe
+
+
+def _reputation_probe(fed) -> Callable:
+    """Round metric ``reputation``: {client id: score} from the pipeline's reputation layers."""
+    layers = [s for s in getattr(fed.defense, "layers", []) if hasattr(s, "scores") and s.name == "reputation"]
+
+    def probe(params):
+        return {"reputation": dict(layers[0].scores)} if layers else {}
+
+    return probe
+
+
+def _run_probe(probe: str, rule: list, seed: int, p: dict) -> dict[str, Any]:
+    import phalanx  # noqa: F401
+
+    try:
+        return {"probe": probe, "status": "done", **privacy_probe(rule, seed, p["steps"], p["attack"], p["dataset"])}
+    except Exception as e:
+        return {"probe": probe, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+@dataclass
+class GridOutcome:
+    total: int = 0
+    skipped: int = 0
+    ran: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    probes: int = 0
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def record_layout(store: Store, spec: GridSpec, cells: list[Cell]) -> None:
+    """Write the grid's spec and cell coordinates (replacing a previous layout of the same grid)."""
+    db = store.db
+    db.executescript(SCHEMA)
+    db.execute("BEGIN")
+    db.execute("INSERT OR REPLACE INTO bench_grids VALUES (?,?,?)", (spec.name, json.dumps(spec.model_dump(mode="json")), time.time()))
+    db.execute("DELETE FROM bench_cells WHERE grid=?", (spec.name,))
+    db.executemany("INSERT OR REPLACE INTO bench_cells VALUES (?,?,?,?,?,?,?,?,?)",
+                   [(spec.name, *c.coords.values(), c.key) for c in cells])
+    db.execute("COMMIT")
+
+
+def plan_privacy(store: Store, spec: GridSpec) -> list[tuple[str, list, int]]:
+    """Map each defense label to its audit probes; return the probes not yet stored."""
+    if spec.privacy is None:
+        return []
+    base = parse_config({k: v for k, v in spec.base.items() if k not in ("attack", "defense")})
+    k = base.federation.clients_per_round or base.federation.num_clients
+    rows, todo, stored = [], {}, {r[0] for r in store.db.execute("SELECT probe FROM bench_privacy")}
+    for label in spec.defenses:
+        rule = audit_rule(spec.stages(label).stages, k)
+        for seed in range(spec.privacy.seeds):
+            key = probe_key(rule, seed, spec.privacy)
+            rows.append((spec.name, label, seed, key))
+            if key not in stored:
+                todo[key] = (key, rule, seed)
+    store.db.execute("DELETE FROM bench_privacy_map WHERE grid=?", (spec.name,))
+    store.db.executemany("INSERT OR REPLACE INTO bench_privacy_map VALUES (?,?,?,?)", rows)
+    return list(todo.values())
+
+
+def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: int | None = None,
+             progress: Any = None) -> GridOutcome:
+    """Run the cells of ``spec`` not yet done in ``db`` (at most ``limit``), then the leakage audit.
+
+    progress: None, or an object with ``start(cells, probes)``, ``advance(cell_key)`` (one round
+    done), ``cell_done(cell, result)`` and ``probe_done()`` (the CLI passes a rich progress bar).
+    """
+    t0 = time.perf_counter()
+    cells = expand(spec)
+    store = Store(db)
+    record_layout(store, spec, cells)
+    done = store.done_cells()
+    todo, keys = [], set()
+    for c in cells:
+        if c.key not in done and c.key not in keys:
+            keys.add(c.key)
+            todo.append(c)
+    out = GridOutcome(total=len(cells), skipped=len(cells) - len(todo))
+    if limit is not None:
+        todo = todo[:limit]
+    probes = plan_privacy(store, spec) if limit is None else []
+    workers = workers or spec.workers
+    if progress:
+        progress.start(todo, len(probes))
+    pdict = spec.privacy.model_dump() if spec.privacy else {}
+    try:
+        if workers <= 1:
+            _init_worker()
+            for c in todo:
+                _collect(out, store, c, run_cell(c.key, c.config, str(db), _advancer(progress)), progress)
+            for key, rule, seed in probes:
+                _store_probe(store, out, rule, seed, _run_probe(key, rule, seed, pdict), progress)
+        else:
+            _run_parallel(out, store, todo, probes, pdict, str(db), workers, progress)
+    except KeyboardInterrupt:
+        out.interrupted = True
+    out.seconds = time.perf_counter() - t0
+    store.close()
+    return out
+
+
+def _advancer(progress) -> Callable | None:
+    return progress.advance if progress else None
+
+
+def _collect(out: GridOutcome, store: Store, cell: Cell, res: dict, progress) -> None:
+    if res["status"] == "done":
+        out.ran += 1
+    else:
+        out.failed.append((cell.label, res.get("error", "")))
+    if progress:
+        progress.cell_done(cell, res)
+
+
+def _store_probe(store: Store, out: GridOutcome, rule: list, seed: int, res: dict, progress) -> None:
+    if res["status"] == "done":
+        store.db.execute("INSERT OR REPLACE INTO bench_privacy VALUES (?,?,?,?,?,?,?,?)",
+                         (res["probe"], json.dumps(rule), seed, res["psnr"], res["ssim"],
+                          None if math.isnan(res["label_acc"]) else res["label_acc"], res["seconds"], time.time()))
+        out.probes += 1
+    else:
+        out.failed.append((f"privacy probe {json.dumps(rule)} seed {seed}", res["error"]))
+    if progress:
+        progress.probe_done()
+
+
+def _run_parallel(out, store, todo, probes, pdict, db, workers, progress) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        queue = manager.Queue() if progress else None
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+        try:
+            futures = {pool.submit(run_cell, c.key, c.config, db, queue.put if queue else None): ("cell", c)
+                       for c in todo}
+            futures.update({pool.submit(_run_probe, key, rule, seed, pdict): ("probe", (rule, seed))
+                            for key, rule, seed in probes})
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                _drain(queue, progress)
+                for f in finished:
+                    kind, item = futures[f]
+                    try:
+                        res = f.result()
+                    except Exception as e:  # a worker died (out of memory, killed)
+                        res = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}",
+                               "probe": "", "key": ""}
+                    if kind == "cell":
+                        _collect(out, store, item, res, progress)
+                    else:
+                        _store_probe(store, out, *item, res, progress)
+            _drain(queue, progress)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _drain(queue, progress) -> None:
+    if queue is None:
+        return
+    while not queue.empty():
+        progress.advance(queue.get_nowait())

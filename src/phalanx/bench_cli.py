@@ -1,0 +1,129 @@
+"""``phalanx bench GRID`` and ``phalanx report DB``; ``register(app)`` adds them to the main CLI."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .errors import PhalanxError
+
+console = Console()
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+class RichProgress:
+    """A rich progress bar over the grid's rounds, with cells done and the time left."""
+
+    def __init__(self, console: Console):
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("left"),
+                            TimeRemainingColumn(), console=console)
+        self.seen: dict[str, int] = {}
+        self.cells = self.probes = None
+
+    def start(self, cells, probes: int) -> None:
+        self.rounds = {c.key: c.rounds for c in cells}
+        self.n, self.done = len(cells), 0
+        self.bar.start()
+        self.cells = self.bar.add_task("cells", total=max(1, sum(self.rounds.values())), info=f"0/{self.n} cells")
+        if probes:
+            self.probes = self.bar.add_task("leakage audit", total=probes, info="")
+
+    def advance(self, key: str) -> None:
+        self.seen[key] = self.seen.get(key, 0) + 1
+        self.bar.advance(self.cells, 1)
+
+    def cell_done(self, cell, result: dict) -> None:
+        self.done += 1
+        rest = self.rounds.get(cell.key, 0) - self.seen.get(cell.key, 0)
+        self.bar.update(self.cells, advance=max(0, rest), info=f"{self.done}/{self.n} cells")
+        if result["status"] != "done":
+            self.bar.console.print(f"[red]failed[/] {cell.label}: {result.get('error', '')}", highlight=False)
+
+    def probe_done(self) -> None:
+        self.bar.advance(self.probes, 1)
+
+    def stop(self) -> None:
+        if self.cells is not None:
+            self.bar.stop()
+
+
+def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x seeds)"),
+          db: Optional[Path] = typer.Option(None, help="SQLite results store [default: results/<grid name>.db]"),
+          workers: Optional[int] = typer.Option(None, min=1, help="parallel worker processes [default: the grid's]"),
+          set_: Optional[List[str]] = typer.Option(None, "--set", help="override a grid field: key.sub=value"),
+          limit: Optional[int] = typer.Option(None, min=1, help="run at most N pending cells, then stop"),
+          out: Optional[Path] = typer.Option(None, help="also write the HTML report into this folder")):
+    """Run an attack x defense grid: parallel, stored, resumable (cells already done are skipped)."""
+    import phalanx  # noqa: F401  (registers everything)
+    from .bench import load_grid, run_grid
+
+    try:
+        spec = load_grid(grid, set_ or [])
+        db = db or Path("results") / f"{spec.name}.db"
+        bar = RichProgress(console)
+        try:
+            outcome = run_grid(spec, db, workers=workers, limit=limit, progress=bar)
+        finally:
+            bar.stop()
+        console.print(f"{spec.name}: {outcome.total} cells, {outcome.skipped} already done, {outcome.ran} run, "
+                      f"{len(outcome.failed)} failed, {outcome.probes} leakage probes, "
+                      f"{outcome.seconds:.1f} s; stored in {db}", highlight=False)
+        if outcome.interrupted:
+            _fail(f"interrupted; rerun the same command to resume ({db} keeps the finished cells)")
+        _print_table(db, spec.name)
+        if out is not None:
+            _write(db, out, spec.name)
+        if outcome.failed:
+            label, err = outcome.failed[0]
+            _fail(f"{len(outcome.failed)} cell(s) failed; first: {label}: {err}")
+    except PhalanxError as e:
+        _fail(str(e))
+
+
+def report(db: Path = typer.Argument(..., help="SQLite results store written by `phalanx bench`"),
+           out: Path = typer.Option(Path("results/report"), help="folder for report.html and report.md"),
+           grid: Optional[str] = typer.Option(None, help="only this grid (default: every grid in the store)")):
+    """The comparative table in the terminal, and an HTML report with plots (plus Markdown)."""
+    try:
+        _print_table(db, grid)
+        _write(db, out, grid)
+    except PhalanxError as e:
+        _fail(str(e))
+
+
+def _print_table(db: Path, grid: str | None) -> None:
+    from .report import build, terminal_table
+
+    rep = build(db, grid)
+    console.print(terminal_table(rep.results, rep.rows))
+    if rep.results.missing:
+        console.print(f"({rep.results.missing} cells not finished yet)", highlight=False)
+
+
+def _write(db: Path, out: Path, grid: str | None) -> None:
+    from .report import write_report
+
+    rep = write_report(db, out, grid)
+    console.print(f"report: {rep.html} and {rep.markdown}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``bench`` and ``report`` to a typer app."""
+    app.command()(bench)
+    app.command()(report)
+
+
+if __name__ == "__main__":  # python -m phalanx.bench_cli bench GRID ...
+    _app = typer.Typer(add_completion=False, no_args_is_help=True)
+    register(_app)
+    sys.exit(_app())

@@ -1,0 +1,194 @@
+"""Pre-aggregation: NNM (layer), bucketing (wrapper) and DnC."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import phalanx.defenses  # noqa: F401
+from phalanx.context import simple_round_context
+from phalanx.defenses.base import Aggregator, Layer
+from phalanx.errors import BoundError, ConfigError, PhalanxError
+from phalanx.registry import DEFENSES
+
+
+def attacked(n=20, f=4, d=30, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, generator=gen)
+    U = base + 0.1 * torch.randn(n, d, generator=gen)
+    U[:f] = -5.0 * base  # a consistent direction, far from the honest rows
+    return U, U[f:]
+
+
+# ------------------------------------------------------------------ NNM
+
+def test_nnm_by_hand():
+    U = torch.tensor([[0.0], [1.0], [10.0]])
+    layer = DEFENSES.build("nnm", f=1)
+    assert isinstance(layer, Layer)
+    V, w, rep = layer(U, torch.ones(3), simple_round_context(U))
+    assert V.flatten().tolist() == [0.5, 0.5, 5.5]
+    assert w.tolist() == [1.0, 1.0, 1.0]
+    assert rep.selected.all() and rep.info["neighbours"] == 2
+
+
+def test_nnm_matches_loop_reference():
+    U = torch.randn(11, 8, generator=torch.Generator().manual_seed(1))
+    f = 3
+    V, _, _ = DEFENSES.build("nnm", f=f)(U, torch.ones(11), simple_round_context(U))
+    ref = torch.empty_like(U)
+    for i in range(11):
+        dists = [float(((U[i].double() - U[j].double()) ** 2).sum()) for j in range(11)]
+        near = np.argsort(dists, kind="stable")[: 11 - f]
+        ref[i] = U[near].mean(0)
+    assert torch.allclose(V, ref, atol=1e-6)
+
+
+def test_nnm_keeps_zero_weight_rows_unchanged():
+    U = torch.randn(8, 5, generator=torch.Generator().manual_seed(2))
+    w = torch.ones(8)
+    w[[1, 4]] = 0
+    V, w2, rep = DEFENSES.build("nnm", f=2)(U, w, simple_round_context(U))
+    assert V.shape == U.shape and torch.equal(w2, w)
+    assert torch.equal(V[[1, 4]], U[[1, 4]])
+    keep = w > 0
+    V2, _, _ = DEFENSES.build("nnm", f=2)(U[keep], torch.ones(6), simple_round_context(U[keep]))
+    assert torch.allclose(V[keep], V2)
+    assert not rep.selected[[1, 4]].any()
+
+
+def test_nnm_then_mean_resists_attack():
+    U, H = attacked()
+    ctx = simple_round_context(U)
+    V, w, _ = DEFENSES.build("nnm", f=4)(U, torch.ones(20), ctx)
+    g, _ = DEFENSES.build("mean")(V, w, ctx)
+    # honest rows mix only honest neighbours; each Byzantine row mixes at most 4 Byzantine rows
+    # out of 16, so its pull on the mean is (4/20) * (4/16) of the honest-Byzantine gap.
+    gap = float((U[0] - H.mean(0)).norm())
+    assert float((g - H.mean(0)).norm()) <= 0.06 * gap
+    assert torch.allclose(V[4:], H.mean(0).expand(16, -1), atol=1e-5)
+
+
+def test_nnm_bound_and_hyperparameters():
+    U = torch.randn(3, 4)
+    with pytest.raises(BoundError, match=r"nnm: needs n > f clients, got n=3, f=3"):
+        DEFENSES.build("nnm", f=3)(U, torch.ones(3), simple_round_context(U))
+    with pytest.raises(PhalanxError, match="nnm: f must be"):
+        DEFENSES.build("nnm", f=-1)
+
+
+# ------------------------------------------------------------------ bucketing
+
+def test_bucketing_s1_with_mean_is_the_mean():
+    U = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))
+    g, rep = DEFENSES.build("bucketing", s=1)(U, torch.ones(7), simple_round_context(U))
+    assert torch.allclose(g, U.mean(0), atol=1e-6)
+    assert sorted(sum(rep.info["buckets"], [])) == list(range(7))
+
+
+def test_bucketing_matches_reference_shuffle():
+    U = torch.randn(9, 6, generator=torch.Generator().manual_seed(4))
+    agg = DEFENSES.build("bucketing", s=2, aggregator="median")
+    assert isinstance(agg, Aggregator)
+    g, rep = agg(U, torch.ones(9), simple_round_context(U, seed=11))
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(11))
+    buckets = [perm[i:i + 2] for i in range(0, 9, 2)]
+    means = torch.stack([U[b].mean(0) for b in buckets])
+    assert torch.allclose(g, means.median(0).values, atol=1e-6)  # 5 buckets: odd, plain median
+    assert rep.info["buckets"] == [b.tolist() for b in buckets]
+    g2, _ = agg(U, torch.ones(9), simple_round_context(U, seed=11))
+    assert torch.equal(g, g2)  # deterministic under the same seed
+
+
+def test_bucketing_passes_f_to_the_inner_rule_and_maps_selection_back():
+    U, H = attacked(n=24, f=2)
+    agg = DEFENSES.build("bucketing", s=2, aggregator="multi_krum", f=2)
+    g, rep = agg(U, torch.ones(24), simple_round_context(U))
+    inner = rep.info["inner"]
+    assert inner.n == 12 and int(inner.selected.sum()) == 10
+    for b, rows in enumerate(rep.info["buckets"]):
+        assert all(bool(rep.selected[r]) == bool(inner.selected[b]) for r in rows)
+    assert not rep.selected[:2].any()  # the buckets holding Byzantine rows were dropped
+    assert float((g - H.mean(0)).norm()) < 0.3
+
+
+def test_bucketing_errors():
+    with pytest.raises(PhalanxError, match="bucketing: s"):
+        DEFENSES.build("bucketing", s=0)
+    with pytest.raises(PhalanxError, match="krum: f must be"):
+        DEFENSES.build("bucketing", aggregator="krum", f=-1)
+    with pytest.raises(ConfigError, match="unknown defense"):
+        DEFENSES.build("bucketing", aggregator="krumm")
+    with pytest.raises(PhalanxError, match="Aggregator"):
+        DEFENSES.build("bucketing", aggregator="nnm")
+    U = torch.randn(12, 3)  # 6 buckets, krum with f=2 needs more than 6
+    with pytest.raises(BoundError, match="got n=6, f=2"):
+        DEFENSES.build("bucketing", aggregator="krum", f=2)(U, torch.ones(12), simple_round_context(U))
+
+
+def test_bucketing_forwards_state_of_a_stateful_inner_rule():
+    U = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
+    agg = DEFENSES.build("bucketing", aggregator="centered_clipping", tau=0.1)
+    agg(U, torch.ones(6), simple_round_context(U))
+    state = agg.state_dict()
+    assert state["center"] is not None
+    other = DEFENSES.build("bucketing", aggregator="centered_clipping", tau=0.1)
+    other.load_state_dict(state)
+    ctx = simple_round_context(U, seed=2)
+    assert torch.equal(agg(U, torch.ones(6), ctx)[0],
+                       other(U, torch.ones(6), simple_round_context(U, seed=2))[0])
+
+
+# ------------------------------------------------------------------ DnC
+
+def test_dnc_matches_full_svd_reference_when_sampling_every_coordinate():
+    U = torch.randn(12, 10, generator=torch.Generator().manual_seed(6))
+    U[:2] += 3.0 * torch.randn(10, generator=torch.Generator().manual_seed(7))
+    g, rep = DEFENSES.build("dnc", f=2, b=100, iterations=3)(U, torch.ones(12), simple_round_context(U))
+    X = U.double().numpy()
+    Xc = X - X.mean(0)
+    v = np.linalg.svd(Xc, full_matrices=False)[2][0]
+    score = (Xc @ v) ** 2
+    removed = set(np.argsort(-score)[:2].tolist())
+    keep = [i for i in range(12) if i not in removed]
+    assert torch.nonzero(~rep.selected).flatten().tolist() == sorted(removed)
+    assert torch.allclose(g, U[keep].mean(0), atol=1e-6)
+    assert np.allclose(rep.scores.numpy(), score)
+
+
+def test_dnc_removes_attackers_and_is_deterministic():
+    U, H = attacked(n=20, f=4, d=200)
+    agg = DEFENSES.build("dnc", f=4, b=50)
+    g, rep = agg(U, torch.ones(20), simple_round_context(U, seed=1))
+    assert not rep.selected[:4].any()
+    assert float((g - H.mean(0)).norm()) < 0.2
+    g2, _ = agg(U, torch.ones(20), simple_round_context(U, seed=1))
+    assert torch.equal(g, g2)
+    assert set(rep.reasons) >= {0, 1, 2, 3} and rep.reasons[0] == "outlier"
+
+
+def test_dnc_permutation_invariant_and_ignores_zero_weights():
+    U = torch.randn(10, 40, generator=torch.Generator().manual_seed(8))
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(9))
+    agg = DEFENSES.build("dnc", f=2, b=20)
+    g1, _ = agg(U, torch.ones(10), simple_round_context(U, seed=3))
+    g2, _ = agg(U[perm], torch.ones(10), simple_round_context(U, seed=3))
+    assert torch.allclose(g1, g2, atol=1e-6)
+    w = torch.ones(10)
+    w[3] = 0
+    V = U.clone()
+    V[3] = 1e9
+    g3, rep = agg(V, w, simple_round_context(U, seed=3))
+    g4, _ = agg(U[w > 0], torch.ones(9), simple_round_context(U, seed=3))
+    assert torch.allclose(g3, g4) and not rep.selected[3]
+
+
+def test_dnc_bounds_and_hyperparameters():
+    U = torch.randn(3, 5)
+    with pytest.raises(BoundError, match=r"dnc: needs n > c\*f clients, got n=3, f=2"):
+        DEFENSES.build("dnc", f=2, c=1.5)(U, torch.ones(3), simple_round_context(U))
+    for params, param in [({"f": -1}, "f"), ({"c": 0}, "c"), ({"b": 0}, "b"), ({"iterations": 0}, "iterations")]:
+        with pytest.raises(PhalanxError, match=f"dnc: {param}"):
+            DEFENSES.build("dnc", **params)
+    assert math.isfinite(DEFENSES.build("dnc", f=1)(U, torch.ones(3), simple_round_context(U))[0].sum())

@@ -1,0 +1,61 @@
+"""The inversion benchmark (--smoke, via subprocess) and the `phalanx invert` audit command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from phalanx.errors import PhalanxError
+from phalanx.invert_cli import DefenseSpec, app, parse_defense, parse_seeds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reproduce_inversion_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce_inversion.py"), "--smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("iDLG bs=1: ") and "of seeds >= 30 dB" in lines[-1]
+    for section in ("1. iDLG", "2. iDLG", "3. median PSNR", "4. iDLG"):
+        assert any(line.startswith(section) for line in lines), section
+    assert (tmp_path / "psnr_vs_noise.png").stat().st_size > 0
+    assert (tmp_path / "idlg_bs1_none.png").stat().st_size > 0
+
+
+def test_parse_defense_and_seeds():
+    assert parse_defense("none") == DefenseSpec()
+    assert parse_defense("noise:0.1") == DefenseSpec("noise", 0.1)
+    assert parse_defense("prune:0.9") == DefenseSpec("prune", 0.9)
+    assert str(parse_defense("dpsgd:8")) == "dpsgd:8"
+    with pytest.raises(PhalanxError, match="defense must be one of"):
+        parse_defense("blur:3")
+    with pytest.raises(PhalanxError, match=r"needs a value in \[0, 1\), got 'prune:1.5'"):
+        parse_defense("prune:1.5")
+    with pytest.raises(PhalanxError, match="needs a number after ':'"):
+        parse_defense("noise:abc")
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds("4,9") == [4, 9]
+    with pytest.raises(PhalanxError, match="seeds must be a count or a comma-separated list"):
+        parse_seeds("x")
+
+
+def test_invert_command_writes_a_grid_and_a_table(tmp_path):
+    res = CliRunner().invoke(app, ["--dataset", "digits", "--attack", "idlg", "--seeds", "2", "--steps", "60",
+                                   "--restarts", "1", "--batch-size", "2", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "PSNR" in res.output and "median" in res.output
+    png = tmp_path / "idlg_none_bs2_gradient.png"
+    assert png.stat().st_size > 0
+    data = json.loads(png.with_suffix(".json").read_text())
+    assert [c["seed"] for c in data["cases"]] == [0, 1]
+    assert all(c["label_acc"] == 1.0 and c["psnr"] > 25 for c in data["cases"])
+
+
+def test_invert_command_reports_bad_options(tmp_path):
+    res = CliRunner().invoke(app, ["--dataset", "digits", "--defense", "noise", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "needs a number after ':'" in res.output
