@@ -23,6 +23,7 @@ def test_signed_round_rejects_a_tampered_row_and_keeps_the_rest(tiny_config, tmp
     assert all(r["weight"] > 0 for r in rows if r["client_id"] != "client001")
     rounds = store.read_run(fed.run_id).rounds
     assert all(r["sign_seconds"] > 0 for r in rounds)
+    assert all("validate_score" in r for r in rows)  # what the validation layer saw (robust z)
 
 
 def test_recovery_rolls_back_a_poisoned_round(tiny_config, tmp_path):

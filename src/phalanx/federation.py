@@ -274,6 +274,10 @@ class Federation:
                     "weight": float(w[i]) * (0.0 if discarded[i] else 1.0),
                     "flags": [report.reasons[i]] if i in report.reasons else []}
                    for i, c in enumerate(chosen)]
+        for rep in report.info.get("reports", []):  # what each stage saw, per client
+            if rep.scores is not None and len(rep.scores) == len(chosen):
+                for i, row in enumerate(clients):
+                    row[f"{rep.name}_score"] = float(rep.scores[i])
         self.round = rnd + 1
         return RoundResult(rnd, metrics, clients, g, report)
 
