@@ -10,7 +10,10 @@ Each row is timed next to two baselines measured in the same process:
 
 NNM is a layer; it is timed as ``nnm+mean``. Layers and post steps other than NNM are skipped.
 
-    python benchmarks/aggregators.py [--n 100] [--d 1000000] [--repeats 3] [--f F] [--smoke]
+    python benchmarks/aggregators.py [--n 100] [--d 1000000] [--repeats 3] [--f F] [--threads T] [--smoke]
+
+``--threads`` sets torch's and the BLAS libraries' thread count for both sides (default: torch's
+default). On a shared machine, many threads mostly measure contention.
 
 The last line is the headline: median and trimmed mean as multiples of the floor, and Krum's
 speed-up over the per-pair reference.
@@ -26,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 import phalanx  # noqa: F401  (registers every defense)
 from phalanx.context import simple_round_context
@@ -151,10 +155,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--d", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--f", type=int, default=None, help="Byzantine count (default min(n//5, (n-3)//4))")
+    ap.add_argument("--threads", type=int, default=None, help="torch/BLAS threads (default: torch's)")
     ap.add_argument("--smoke", action="store_true", help="a tiny size for tests")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.n, a.d, a.repeats = 12, 4096, 1
+        a.n, a.d, a.repeats, a.threads = 12, 4096, 1, 1
+    threads = a.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    with threadpool_limits(limits=threads):
+        run(a)
+
+
+def run(a: argparse.Namespace) -> None:
     n, d = a.n, a.d
     f = a.f if a.f is not None else max(0, min(n // 5, (n - 3) // 4))
 

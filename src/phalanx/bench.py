@@ -353,9 +353,14 @@ def probe_key(rule: list, seed: int, p: PrivacySpec) -> str:
 # ---------------------------------------------------------------- running
 
 
-def _init_worker() -> None:
+_QUEUE: Any = None  # a worker's channel for per-round progress (set by the pool's initializer)
+
+
+def _init_worker(queue: Any = None) -> None:
     import torch
 
+    global _QUEUE
+    _QUEUE = queue
     torch.set_num_threads(1)
 
 
@@ -369,6 +374,7 @@ def run_cell(key: str, config: dict, db: str, notify: Callable | None = None) ->
     from .federation import Federation
 
     store = _STORES.get(db) or _STORES.setdefault(db, Store(db))
+    notify = notify or (_QUEUE.put if _QUEUE is not None else None)
     t0, fed = time.perf_counter(), None
     try:
         fed = Federation(parse_config(config))
@@ -526,36 +532,40 @@ def _run_parallel(out, store, todo, probes, pdict, db, workers, progress) -> Non
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        queue = manager.Queue() if progress else None
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
-        try:
-            futures = {pool.submit(run_cell, c.key, c.config, db, queue.put if queue else None): ("cell", c)
-                       for c in todo}
-            futures.update({pool.submit(_run_probe, key, rule, seed, pdict): ("probe", (rule, seed))
-                            for key, rule, seed in probes})
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                _drain(queue, progress)
-                for f in finished:
-                    kind, item = futures[f]
-                    try:
-                        res = f.result()
-                    except Exception as e:  # a worker died (out of memory, killed)
-                        res = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}",
-                               "probe": "", "key": ""}
-                    if kind == "cell":
-                        _collect(out, store, item, res, progress)
-                    else:
-                        _store_probe(store, out, *item, res, progress)
+    queue = ctx.Queue() if progress else None
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
+    try:
+        futures = {pool.submit(run_cell, c.key, c.config, db): ("cell", c) for c in todo}
+        futures.update({pool.submit(_run_probe, key, rule, seed, pdict): ("probe", (rule, seed))
+                        for key, rule, seed in probes})
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
             _drain(queue, progress)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for f in finished:
+                kind, item = futures[f]
+                try:
+                    res = f.result()
+                except Exception as e:  # a worker died (out of memory, killed)
+                    res = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}", "probe": ""}
+                if kind == "cell":
+                    _collect(out, store, item, res, progress)
+                else:
+                    _store_probe(store, out, *item, res, progress)
+        _drain(queue, progress)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if queue is not None:
+            queue.close()
 
 
 def _drain(queue, progress) -> None:
     if queue is None:
         return
-    while not queue.empty():
-        progress.advance(queue.get_nowait())
+    import queue as q
+
+    while True:
+        try:
+            progress.advance(queue.get_nowait())
+        except q.Empty:
+            return

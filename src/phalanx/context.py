@@ -46,6 +46,8 @@ class AttackContext:
     [m, d]. n: total clients in the round (honest + malicious). f: declared Byzantine count (= m).
     aggregator: the server's aggregator, for aggregator-aware attacks (may be None).
     history: per-attack scratch space that persists across rounds (for example a previous direction).
+    server_view: optional callable n -> RoundContext, the server's context for an n-row round
+    (with its root update and validation data), so an omniscient attack can simulate the server.
     """
 
     own: torch.Tensor
@@ -55,6 +57,7 @@ class AttackContext:
     global_params: torch.Tensor
     aggregator: Any = None
     history: dict[str, Any] = field(default_factory=dict)
+    server_view: Callable[[int], RoundContext] | None = None
 
     @property
     def m(self) -> int:

@@ -199,12 +199,21 @@ class Federation:
             losses.append(loss)
         return torch.stack(rows), losses
 
-    def apply_attack(self, U: torch.Tensor, mal: torch.Tensor, rnd: int) -> torch.Tensor:
+    def apply_attack(self, U: torch.Tensor, mal: torch.Tensor, rnd: int, chosen: np.ndarray | None = None) -> torch.Tensor:
         if self.attack is None or not bool(mal.any()):
             return U
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, rnd, 13]).integers(2**62)))
+        chosen = np.arange(U.shape[0]) if chosen is None else chosen
+        sim_order = np.concatenate([chosen[~mal.numpy()], chosen[mal.numpy()]])  # [honest; crafted]
+
+        def server_view(n: int) -> RoundContext:
+            view = self.round_context(rnd, sim_order[:n] if n <= len(sim_order) else np.arange(n) % len(self.client_ids))
+            view.num_samples = None
+            return view
+
         actx = AttackContext(own=U[mal].clone(), n=U.shape[0], round=rnd, generator=gen,
-                             global_params=self.params, aggregator=self.defense, history=self.attack_history)
+                             global_params=self.params, aggregator=self.defense, history=self.attack_history,
+                             server_view=server_view)
         bad = self.attack(U[~mal].clone(), actx)
         if bad.shape != (int(mal.sum()), U.shape[1]):
             raise ConfigError(f"attack {self.cfg.attack.name!r} returned shape {tuple(bad.shape)}, "
@@ -236,7 +245,7 @@ class Federation:
         attacking = self.cfg.attack.active(rnd)
         U, losses = self.train_clients(rnd, chosen, attacking)
         if attacking:
-            U = self.apply_attack(U, mal, rnd)
+            U = self.apply_attack(U, mal, rnd, chosen)
         ctx = self.round_context(rnd, chosen)
         if self.signers:
             t_sign = time.perf_counter()

@@ -196,10 +196,12 @@ def results_table(cases: list[Case], title: str = ""):
     return table
 
 
-app = typer.Typer(help="Gradient-inversion audit.", add_completion=False)
+app = typer.Typer(add_completion=False, invoke_without_command=True)
 
 
-@app.command("invert")
+# The command is the app's callback, so both ``root.add_typer(app, name="invert")`` and
+# ``root.command("invert")(invert)`` give ``phalanx invert [OPTIONS]``.
+@app.callback()
 def invert(dataset: str = typer.Option("fashion-mnist", help="registered dataset"),
            model: str = typer.Option("lenet", help="registered model"),
            attack: str = typer.Option("idlg", help="dlg | idlg | ig"),

@@ -161,5 +161,7 @@ def test_bad_arguments_name_the_parameter(digits):
         invert(model, g, update_kind="sgd", in_shape=SHAPE)
     with pytest.raises(PhalanxError, match=r"labels must be 1 class indices in \[0, 10\)"):
         invert(model, g, labels=torch.tensor([12]), in_shape=SHAPE)
+    with pytest.raises(PhalanxError, match="labels must be None for attack 'dlg'"):
+        invert(model, g, "dlg", labels=torch.tensor([1]), in_shape=SHAPE)
     with pytest.raises(PhalanxError, match="final nn.Linear"):
         recover_labels(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3)), [torch.zeros(1, 1, 3, 3), torch.zeros(1)])

@@ -307,6 +307,11 @@ def test_bounds_raise_bound_error_naming_n_and_f(name, n, f, msg):
     assert str(e.value) == msg
 
 
+def test_multi_krum_m_larger_than_active_rows():
+    with pytest.raises(PhalanxError, match="m must be <= the number of active clients, got m=6, n=5"):
+        run("multi_krum", torch.randn(5, 2), f=1, m=6)
+
+
 def test_bounds_count_active_rows_only():
     U = torch.randn(9, 4)
     w = torch.ones(9)

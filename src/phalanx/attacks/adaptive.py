@@ -57,7 +57,7 @@ def alie_z(n: int, f: int) -> float:
     return NormalDist().inv_cdf(p)
 
 
-def _server(name: str, aggregator: str, f: int | None, ctx: AttackContext):
+def _server(aggregator: str, f: int | None, ctx: AttackContext):
     """ctx.aggregator when present, else DEFENSES.build(aggregator, f=...) (f = ctx.m by default)."""
     if ctx.aggregator is not None:
         return ctx.aggregator
@@ -80,9 +80,13 @@ class _Simulator:
 
     def __call__(self, crafted: torch.Tensor):
         U = torch.cat([self.honest, crafted.to(torch.float32)])
-        rctx = RoundContext(round=self.ctx.round, client_ids=[f"c{i}" for i in range(self.n)],
-                            global_params=self.ctx.global_params,
-                            generator=torch.Generator().manual_seed(self.seed))
+        if self.ctx.server_view is not None:  # the real server's view: root update, validation data
+            rctx = self.ctx.server_view(self.n)
+            rctx.generator = torch.Generator().manual_seed(self.seed)
+        else:
+            rctx = RoundContext(round=self.ctx.round, client_ids=[f"c{i}" for i in range(self.n)],
+                                global_params=self.ctx.global_params,
+                                generator=torch.Generator().manual_seed(self.seed))
         try:
             return self.agg(U, torch.ones(self.n), rctx)
         finally:
@@ -133,7 +137,7 @@ class ALIE(Attack):
         elif self.variant == "paper":
             z = alie_z(ctx.n, ctx.m)
         else:
-            sim = _Simulator(_server(self.name, self.aggregator, self.f, ctx), honest.float(), ctx.m, ctx)
+            sim = _Simulator(_server(self.aggregator, self.f, ctx), honest.float(), ctx.m, ctx)
             z = _farthest(sim, make, self.z_max, self.steps, mu)
         self.last = {"z": z}
         return make(z)
@@ -157,7 +161,7 @@ class IPM(Attack):
         make = lambda e: _repeat(-e * mu, ctx.m)  # noqa: E731
         eps = self.epsilon
         if self.variant == "optimal":
-            sim = _Simulator(_server(self.name, self.aggregator, self.f, ctx), honest.float(), ctx.m, ctx)
+            sim = _Simulator(_server(self.aggregator, self.f, ctx), honest.float(), ctx.m, ctx)
             eps = _farthest(sim, make, self.eps_max, self.steps, mu)
         self.last = {"epsilon": eps}
         return make(eps)
@@ -299,7 +303,7 @@ class FangKrum(Attack):
         radius = self.eps * torch.rand(m, 1, generator=ctx.generator)
         offsets *= radius / offsets.norm(dim=1, keepdim=True).clamp_min(1e-30)
         offsets[0] = 0
-        sim = _Simulator(_server(self.name, self.aggregator, self.f, ctx), honest.float(), m, ctx)
+        sim = _Simulator(_server(self.aggregator, self.f, ctx), honest.float(), m, ctx)
         while True:
             crafted = -lam * s + offsets
             g, rep = sim(crafted)

@@ -237,7 +237,8 @@ def _lbfgs(objective: Callable, variables: list[torch.Tensor], steps: int, track
 
     while evals[0] < steps:
         before = evals[0]
-        opt.param_groups[0]["max_iter"] = max(1, min(20, steps - evals[0]))
+        budget = max(1, min(20, steps - evals[0]))
+        opt.param_groups[0].update(max_iter=budget, max_eval=budget * 5 // 4)
         loss = opt.step(closure)
         if not torch.isfinite(loss) or evals[0] - before <= 1 or tracker.best < 1e-14:
             break
@@ -253,13 +254,13 @@ def _adam_signed(objective: Callable, x: torch.Tensor, steps: int, step_size: fl
         loss, match = objective()
         if not torch.isfinite(loss):
             break
+        tracker.see(float(match))  # the score of x before this step
         (g,) = torch.autograd.grad(loss, [x])
         x.grad = g.sign()
         opt.step()
         sched.step()
         with torch.no_grad():
             x.clamp_(0.0, 1.0)
-        tracker.see(float(match))
 
 
 # ---------------------------------------------------------------- the entry point
@@ -277,8 +278,9 @@ def invert(model: nn.Module, target, attack: str = "idlg", batch_size: int = 1, 
     parameter. attack: ``dlg``, ``idlg`` or ``ig``. steps: objective evaluations per restart
     (default 300 for DLG/iDLG, 600 for IG). restarts: default 2; restarts stop early once the
     relative matching loss (L2 / |target|^2, or cosine distance) is below ``stop_below``.
-    labels: known labels (skip recovery). ignore_zeros: match only the non-zero coordinates of the
-    target (an adaptive attacker against pruning). tv, step_size: IG's prior weight and Adam step.
+    labels: known labels for idlg/ig (skip recovery). ignore_zeros: match only the non-zero
+    coordinates of the target (an adaptive attacker against pruning). tv, step_size: IG's prior
+    weight and Adam step.
     """
     if attack not in ATTACK_NAMES:
         raise PhalanxError(f"invert: attack must be one of {', '.join(ATTACK_NAMES)}, got {attack!r}")
@@ -296,6 +298,9 @@ def invert(model: nn.Module, target, attack: str = "idlg", batch_size: int = 1, 
     if kind == "fedavg" and not simulate:  # the update as -lr*K times one averaged gradient
         tgt, kind = [-t / (lr * local_steps) for t in tgt], "gradient"
     if labels is not None:
+        if attack == "dlg":
+            raise PhalanxError("invert: labels must be None for attack 'dlg', which optimises soft labels; "
+                               "use 'idlg' or 'ig' with known labels")
         labels = torch.as_tensor(labels).long().flatten()
         if labels.numel() != batch_size or labels.min() < 0 or labels.max() >= num_classes:
             raise PhalanxError(f"invert: labels must be {batch_size} class indices in [0, {num_classes}), "

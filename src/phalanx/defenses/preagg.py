@@ -13,7 +13,7 @@ from ..errors import PhalanxError
 from ..registry import DEFENSES
 from ..updates import pairwise_sq_dists
 from .base import Aggregator, Layer, check_nonneg_int, check_positive, require_rows
-from .robust import combine, finite_or_raise, make_report, prepare
+from .robust import check_int, combine, finite_or_raise, make_report, prepare
 
 
 class NNM(Layer):
@@ -72,10 +72,9 @@ class Bucketing(Aggregator):
         perm = torch.randperm(n, generator=ctx.generator)
         bucket = torch.empty(n, dtype=torch.long)
         bucket[perm] = torch.arange(n) // self.s  # row perm[p] goes to bucket p // s
-        counts = torch.bincount(bucket, minlength=nb).to(Ua.dtype)
-        M = torch.zeros(nb, n, dtype=Ua.dtype)
-        M[bucket, torch.arange(n)] = 1.0 / counts[bucket]
-        B = M.to(Ua.device) @ Ua
+        counts = torch.bincount(bucket, minlength=nb).to(device=Ua.device, dtype=Ua.dtype)
+        B = torch.zeros(nb, Ua.shape[1], dtype=Ua.dtype, device=Ua.device)
+        B.index_add_(0, bucket.to(Ua.device), Ua).div_(counts[:, None])
         g, rep = self.inner(B, torch.ones(nb, dtype=Ua.dtype, device=Ua.device), ctx)
         keep = torch.ones(n, dtype=torch.bool) if rep.selected is None else rep.selected.cpu()[bucket]
         scores = None if rep.scores is None else rep.scores.cpu()[bucket]
@@ -96,7 +95,8 @@ class Bucketing(Aggregator):
 class DnC(Aggregator):
     """Divide-and-Conquer (Shejwalkar & Houmansadr, NDSS 2021). Each of ``iterations`` rounds
     samples b coordinates (from ``ctx.generator``), centres the sub-matrix, scores each row by its
-    squared projection on the top right singular vector and drops the ceil(c f) highest; the
+    squared projection on the top right singular vector (found through the small n x n Gram
+    matrix) and drops the ceil(c f) highest; the
     rows kept in every round are averaged. Needs n > ceil(c f). If the kept sets do not intersect,
     the rows kept most often are used (``info['fallback']``). Report scores: mean outlier score."""
 
@@ -105,11 +105,8 @@ class DnC(Aggregator):
     def __init__(self, f: int, c: float, b: int, iterations: int):
         self.f = check_nonneg_int(self.name, "f", f)
         self.c = check_positive(self.name, "c", c)
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise PhalanxError(f"{self.name}: b (coordinates sampled) must be an integer >= 1, got {b!r}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise PhalanxError(f"{self.name}: iterations must be an integer >= 1, got {iterations!r}")
-        self.b, self.iterations = b, iterations
+        self.b = check_int(self.name, "b", b)
+        self.iterations = check_int(self.name, "iterations", iterations)
 
     def __call__(self, U, w, ctx: RoundContext):
         Ua, _, idx = prepare(self.name, U, w)
@@ -123,8 +120,10 @@ class DnC(Aggregator):
             cols = torch.randperm(d, generator=ctx.generator)[:b].sort().values
             sub = Ua[:, cols.to(Ua.device)].double()
             sub = sub - sub.mean(0, keepdim=True)
-            v = torch.linalg.svd(sub, full_matrices=False).Vh[0]
-            score = (sub @ v).square().cpu()
+            # top right singular vector v of sub via the n x n Gram matrix: with sub sub^T u = lam u,
+            # v = sub^T u / sqrt(lam) and the score (sub v)_i^2 = lam u_i^2 (no [n, b] SVD needed)
+            evals, evecs = torch.linalg.eigh(sub @ sub.T)
+            score = (evals[-1].clamp_min(0) * evecs[:, -1].square()).cpu()
             total += score
             keep = torch.ones(n, dtype=torch.bool)
             if drop > 0:
@@ -152,8 +151,7 @@ def nnm(f: int = 0) -> Layer:
 def bucketing(s: int = 2, aggregator: str = "mean", **params: Any) -> Aggregator:
     """Bucketing (Karimireddy et al. 2022): means of random buckets of s rows, then ``aggregator``
     built with ``params`` (pass f = the number of Byzantine clients; see Bucketing)."""
-    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-        raise PhalanxError(f"bucketing: s (bucket size) must be an integer >= 1, got {s!r}")
+    check_int("bucketing", "s", s)
     if not isinstance(aggregator, str) or aggregator == "bucketing":
         raise PhalanxError(f"bucketing: aggregator must name a registered aggregator other than "
                            f"bucketing, got {aggregator!r}")

@@ -61,8 +61,9 @@ def grad_noise(v: torch.Tensor, sigma: float, kind: str = "gaussian",
     v = _tensor("grad_noise", v)
     sigma = check_positive("grad_noise", "sigma", sigma)
     _kind("grad_noise", kind)
-    z = torch.randn(v.shape, generator=generator, dtype=v.dtype)
-    if kind == "laplace":  # inverse CDF of Laplace(0, b) from uniforms; std = b * sqrt 2
+    if kind == "gaussian":
+        z = torch.randn(v.shape, generator=generator, dtype=v.dtype)
+    else:  # inverse CDF of Laplace(0, b) from uniforms, b = 1 / sqrt 2 for unit std
         u = torch.rand(v.shape, generator=generator, dtype=torch.float64) - 0.5
         u = u.clamp(-0.5 + 1e-12, 0.5 - 1e-12)
         z = (-torch.sign(u) * torch.log1p(-2 * u.abs()) / math.sqrt(2)).to(v.dtype)

@@ -71,6 +71,12 @@ def make_report(name: str, n: int, idx: torch.Tensor, scores: torch.Tensor | Non
     return rep
 
 
+def check_int(name: str, param: str, value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise PhalanxError(f"{name}: {param} must be an integer >= {low}, got {value!r}")
+    return value
+
+
 def finite_or_raise(name: str, g: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(g).all()):
         raise PhalanxError(f"{name}: the aggregate has non-finite coordinates (too many rows with "
@@ -84,18 +90,18 @@ def combine(coef: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
 
 
 def row_norms(U: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each row, float64 [n] (float32 blocks, float64 accumulation)."""
-    return row_sq_dists(U, None).sqrt()
+    """L2 norm of each row as float64 [n] (one pass; norms have no cancellation to fear)."""
+    return torch.linalg.vector_norm(U, dim=1).double()
 
 
-def row_sq_dists(U: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
-    """|U_i - v|^2 for each row, computed directly (no cancellation) in column blocks, float64."""
+def row_sq_dists(U: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """|U_i - v|^2 for each row, float64 [n]: computed directly (no |a|^2 + |b|^2 - 2ab
+    cancellation when v is close to a row), one cache-sized column block at a time."""
     n, d = U.shape
-    bc = max(1024, (4 * _BLOCK_BYTES) // (4 * max(n, 1)))
+    bc = max(1024, _BLOCK_BYTES // (U.element_size() * max(n, 1)))
     out = torch.zeros(n, dtype=torch.float64, device=U.device)
     for j in range(0, d, bc):
-        blk = U[:, j:j + bc] if v is None else U[:, j:j + bc] - v[j:j + bc]
-        out += torch.linalg.vector_norm(blk, dim=1).double().square()
+        out += torch.linalg.vector_norm(U[:, j:j + bc] - v[j:j + bc], dim=1).double().square()
     return out
 
 
@@ -200,9 +206,7 @@ class Krum(Aggregator):
     def __init__(self, f: int, m: int | None = 1, name: str = "krum"):
         self.name = name
         self.f = check_nonneg_int(name, "f", f)
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise PhalanxError(f"{name}: m must be an integer >= 1 (or None for n - f), got {m!r}")
-        self.m = m
+        self.m = None if m is None else check_int(name, "m", m)
 
     def __call__(self, U, w, ctx: RoundContext):
         Ua, _, idx = prepare(self.name, U, w)
@@ -278,9 +282,7 @@ class GeoMed(Aggregator):
     name = "geomed"
 
     def __init__(self, iterations: int, nu: float, tol: float):
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise PhalanxError(f"geomed: iterations must be an integer >= 1, got {iterations!r}")
-        self.iterations = iterations
+        self.iterations = check_int(self.name, "iterations", iterations)
         self.nu = check_positive(self.name, "nu", nu)
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
             raise PhalanxError(f"geomed: tol must be a number >= 0, got {tol!r}")
@@ -318,9 +320,7 @@ class CenteredClipping(Aggregator):
 
     def __init__(self, tau: float, iterations: int):
         self.tau = check_positive(self.name, "tau", tau)
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise PhalanxError(f"{self.name}: iterations must be an integer >= 1, got {iterations!r}")
-        self.iterations = iterations
+        self.iterations = check_int(self.name, "iterations", iterations)
         self.center: torch.Tensor | None = None
 
     def __call__(self, U, w, ctx: RoundContext):

@@ -253,14 +253,14 @@ def _where(res: Results, e: Entry, show_attack: bool = True) -> str:
     if len(res.scenarios) > 1:
         ds, part, byz = e.scenario
         parts.append(f"{ds}, {part}, byz {byz:g}")
-    return f" ({'; '.join(parts)})" if parts else ""
+    return f" · {'; '.join(parts)}" if parts else ""
 
 
 def fmt_accuracy(res: Results, e: Entry | None, show_attack: bool = True, symbol: bool = True) -> str:
     if e is None or e.acc is None:
         return "-"
     s = f"{SYMBOLS[e.tick]} " if symbol else ""
-    return f"{s}{_pts(e.acc.mean)} ±{_pts(e.acc.std)} (peak {_pts(e.peak.mean)}){_where(res, e, show_attack)}"
+    return f"{s}{_pts(e.acc.mean)} ±{_pts(e.acc.std)}, peak {_pts(e.peak.mean)}{_where(res, e, show_attack)}"
 
 
 def fmt_backdoor(res: Results, e: Entry | None, show_attack: bool = True) -> str:

@@ -1,0 +1,105 @@
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from phalanx.bench import parse_grid, run_grid
+from phalanx.report import build, markdown, terminal_table, tick, write_report
+
+GRID = {
+    "name": "rep",
+    "base": {"data": {"dataset": "digits"}, "model": {"name": "logreg"},
+             "federation": {"num_clients": 6, "rounds": 3, "batch_size": 16, "lr": 0.1}},
+    "byzantine": [0.34],
+    "attacks": {"clean": {"family": "none"}, "sign": {"family": "random", "name": "sign_flip"},
+                "alie": {"family": "adaptive", "name": "alie"},
+                "trigger": {"family": "backdoor", "poison": "pixel_trigger", "poison_params": {"size": 2}}},
+    "defenses": {"mean": ["mean"], "layered": [{"clip": {"max_norm": "auto"}}, "median", "reputation"],
+                 "dp": [{"update_clip": {"max_norm": 1.0}}, {"grad_noise": {"sigma": 0.01}}, "mean"]},
+    "seeds": [0],
+    "privacy": {"seeds": 1, "steps": 4, "dataset": "digits"},
+}
+FIGURES = ["heatmap-accuracy", "heatmap-asr", "curves-accuracy", "curves-asr", "detection", "reputation",
+           "dist-norm", "dist-cosine", "drift", "privacy"]
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rep") / "rep.db"
+    out = run_grid(parse_grid(GRID), path, workers=1)
+    assert out.ran == 12 and not out.failed and out.probes == 2  # 'mean' and 'layered' share a probe
+    return path
+
+
+@pytest.mark.parametrize("value, ref, expected", [
+    (0.75, 0.80, "held"), (0.7499, 0.80, "partial"), (0.85, 0.80, "held"),
+    (0.60, 0.80, "partial"), (0.5999, 0.80, "broken"), (0.5, None, None)])
+def test_accuracy_tick_boundaries(value, ref, expected):
+    assert tick(value, ref) == expected
+
+
+@pytest.mark.parametrize("asr, expected", [(0.0, "held"), (0.0999, "held"), (0.10, "partial"),
+                                           (0.4999, "partial"), (0.50, "broken"), (1.0, "broken")])
+def test_asr_tick_boundaries(asr, expected):
+    assert tick(asr, kind="asr") == expected
+
+
+def test_summary_uses_the_thresholds_as_stated(db):
+    rep = build(db)
+    rows = {s.defense: s for s in rep.rows}
+    assert set(rows) == {"mean", "layered", "dp"} and rep.results.baseline == "mean"
+    ref = rows["mean"].clean.acc.mean
+    for s in rows.values():
+        for e in (s.random, s.adaptive):
+            assert e.reference == pytest.approx(ref) and e.tick == tick(e.acc.mean, ref)
+        assert s.backdoor.tick == tick(s.backdoor.asr.mean, kind="asr")
+        assert s.agg_ms > 0 and s.psnr is not None
+    assert rows["mean"].ratio == pytest.approx(1.0)
+    assert rows["mean"].psnr == rows["layered"].psnr  # robust aggregation lets the update through
+
+
+def test_report_has_the_table_and_every_figure(db, tmp_path):
+    rep = write_report(db, tmp_path / "out")
+    page = rep.html.read_text()
+    assert 'id="comparative-table"' in page and "Adaptive attacks" in page and "within 5 points" in page
+    for key in FIGURES:
+        m = re.search(rf'<figure id="{key}[^"]*"><img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"',
+                      page)
+        assert m, key
+        assert m.group(2).startswith("iVBORw0KGgo")  # a PNG
+    assert "<figcaption>" in page and 'id="privacy-table"' in page
+    assert not re.search(r'(src|href)="(https?:|//|file:)', page)  # self-contained
+    md = rep.markdown.read_text()
+    assert "| Defense | No attack | Random attacks |" in md and "| layered |" in md
+    console = Console(width=220, record=True)
+    console.print(terminal_table(rep.results, rep.rows))
+    text = console.export_text()
+    assert "Backdoors" in text and "layered" in text and "ms" in text
+    assert markdown(rep.results, rep.rows).startswith("# phalanx")
+
+
+def test_report_without_optional_data_says_what_it_skipped(tmp_path):
+    g = {k: v for k, v in GRID.items() if k != "privacy"}
+    g["attacks"] = {"sign": GRID["attacks"]["sign"]}
+    g["defenses"] = {"mean": ["mean"]}
+    run_grid(parse_grid(g), tmp_path / "a.db", workers=1)
+    page = write_report(tmp_path / "a.db", tmp_path / "out").html.read_text()
+    for key in ("heatmap-asr", "reputation", "privacy"):
+        assert re.search(rf'<p class="note" id="{key}[^"]*">Skipped: ', page), key
+    assert 'id="comparative-table"' in page
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="chromium not installed (optional system package)")
+def test_screenshot_in_headless_chromium(db, tmp_path):
+    rep = write_report(db, tmp_path / "out")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "screenshot_report.py"
+    png = tmp_path / "shot.png"
+    r = subprocess.run([sys.executable, str(script), str(rep.html), "--out", str(png)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert shutil.which("chromium") or Path("/usr/bin/chromium").exists()
