@@ -35,11 +35,11 @@ def settings(smoke: bool) -> dict:
         return dict(dataset="digits", train_subset=None, model="logreg", clients=10, byzantine=2, rounds=2,
                     start=0, fire=1, lr=0.1, batch=16, trigger=dict(size=2, position="top-left", margin=0),
                     dba=dict(parts=4, size=2, gap=1, position="top-left", margin=0), clip=1.0, sigma=0.002,
-                    server_data=100)
+                    server_data=100, share=False)
     return dict(dataset="fashion-mnist", train_subset=30000, model="mlp", clients=20, byzantine=2, rounds=40,
                 start=5, fire=30, lr=0.05, batch=32, trigger=dict(size=4, position="top-left", margin=1),
                 dba=dict(parts=4, size=4, gap=1, position="top-left", margin=1), clip=1.0, sigma=0.002,
-                server_data=100)
+                server_data=100, share=False)
 
 
 FRACTION, TARGET, SOURCE, SEM_TARGET, SEM_QUANTILE = 0.5, 0, 0, 9, 0.9
@@ -67,7 +67,7 @@ def config(partition: str, attack: str, defense: str, s: dict, threshold: float)
         atk.update(poison="semantic", poison_params={"source": SOURCE, "target": SEM_TARGET, "threshold": threshold,
                                                      "fraction": 0.25, "noise": 0.05})
     elif attack == "replacement":  # single shot: the poison and the boost only in round `fire`
-        atk.update(name="model_replacement", params={"share": True}, rounds=[s["fire"]])
+        atk.update(name="model_replacement", params={"share": s["share"]}, rounds=[s["fire"]])
     elif attack == "constrain":
         atk.update(name="constrain_scale", params={"max_norm": s["clip"]})
     elif attack == "neurotoxin":
@@ -153,6 +153,11 @@ def main() -> None:
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     ap.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=DEFENSES)
     ap.add_argument("--rounds", type=int)
+    ap.add_argument("--train-subset", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--fire", type=int, help="the round model replacement fires")
+    ap.add_argument("--sigma", type=float, help="weak DP noise std")
+    ap.add_argument("--clip", type=float, help="clipping bound (also constrain+scale's bound)")
     ap.add_argument("--out", default="results")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -161,9 +166,10 @@ def main() -> None:
     from phalanx.data import load_dataset
 
     s = settings(args.smoke)
-    if args.rounds:
-        s["rounds"] = args.rounds
-        s["fire"] = min(s["fire"], args.rounds - 1)
+    for key in ("rounds", "train_subset", "lr", "fire", "sigma", "clip"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    s["fire"] = min(s["fire"], s["rounds"] - 1)
     ds = load_dataset(s["dataset"])
     if s["train_subset"]:
         ds = ds.subset(s["train_subset"], None, seed=0)
@@ -178,8 +184,8 @@ def main() -> None:
           f"  pixel trigger: {s['trigger']['size']}x{s['trigger']['size']} white square at {s['trigger']['position']};"
           f" DBA: {s['dba']['parts']} bars of {s['dba']['size']} px; semantic: class {SOURCE} images with mean "
           f"intensity >= {threshold} -> class {SEM_TARGET} (upsampled to 25% of a batch);\n"
-          f"  model replacement: single shot in round {s['fire']}, gamma = n / (m * server_lr) = "
-          f"{s['clients'] / s['byzantine']:g}, with the pixel trigger; constrain+scale: scaled onto the clip "
+          f"  model replacement: single shot in round {s['fire']}, gamma = n / " + ("(m * server_lr)" if s["share"] else "server_lr") + " = "
+          f"{s['clients'] / (s['byzantine'] if s['share'] else 1):g}, with the pixel trigger; constrain+scale: scaled onto the clip "
           f"bound {s['clip']}; neurotoxin: bottom 95% coordinates.\n"
           f"Defenses: clip {s['clip']} + weak DP sigma {s['sigma']}; FLAME noise 0.001; FLTrust root set "
           f"{s['server_data']}; Multi-Krum f={s['byzantine']}. Cells: ASR% / main accuracy% (final round; model "

@@ -8,7 +8,9 @@ Prints one final-accuracy table per partition (aggregators as rows, attacks as c
 worst case over attacks), and a last line with the headline figures. The published shape to look
 for (Baruch et al. 2019; Xie et al. 2020; Karimireddy et al. 2021; Allouah et al. 2023): ALIE and
 IPM hurt Krum and the median far more than sign flipping does; centered clipping and NNM-combined
-rules hold up best; no defense is best everywhere.
+rules hold up best; no defense is best everywhere. ALIE and IPM run their "optimal" variants
+(z and epsilon searched each round against the server's real pipeline, as ByzFL's benchmark
+does): the paper's fixed z = 0.47 for n = 25, f = 5 is too timid to hurt Krum.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ ATTACKS = {
     "sign_flip": {"name": "sign_flip"},
     "scaling": {"name": "scaling", "params": {"factor": 10.0}},
     "label_flip": {"poison": "label_flip"},
-    "alie": {"name": "alie"},
-    "ipm": {"name": "ipm", "params": {"epsilon": 0.1}},
+    "alie": {"name": "alie", "params": {"variant": "optimal"}},
+    "ipm": {"name": "ipm", "params": {"variant": "optimal"}},
     "minmax": {"name": "minmax"},
     "minsum": {"name": "minsum"},
     "fang_krum": {"name": "fang_krum"},
@@ -114,7 +116,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--train-subset", type=int, default=10000)
-    p.add_argument("--test-subset", type=int, default=5000)
+    p.add_argument("--test-subset", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--partitions", default="iid,dirichlet")

@@ -5,7 +5,8 @@ import yaml
 from typer.testing import CliRunner
 
 import phalanx.federation as federation
-from phalanx.bench import audit_rule, cell_key, expand, load_grid, parse_grid, run_grid
+from phalanx.bench import cell_key, expand, load_grid, parse_grid, run_grid
+from phalanx.bench_privacy import audit_rule
 from phalanx.bench_cli import register
 from phalanx.config import parse_config
 from phalanx.errors import ConfigError

@@ -10,24 +10,16 @@ status 'done' is skipped and an interrupted grid resumes where it stopped. A cle
 Workers are 'spawn' processes with one torch thread each; every worker writes its runs to the
 same SQLite store (WAL mode, busy timeout). The grid's layout is kept in the ``bench_grids`` and
 ``bench_cells`` tables, and the optional leakage audit (``privacy``) in ``bench_privacy`` and
-``bench_privacy_map``; see :mod:`phalanx.report` for the tables and plots.
-
-The leakage audit rule: the attacker (the server, or anyone on the wire) runs iDLG on LeNet with
-sigmoid activations, batch size 1, one Fashion-MNIST test image per seed, against the update a
-single client sends *after* the defense's transforms that touch an individual update, applied
-in stage order: ``clip``/``update_clip`` with a fixed bound clip it (data-dependent bounds,
-'auto' and 'quantile', leave it as is), ``grad_noise`` adds its noise, ``prune`` prunes,
-``central_dp`` (and ``weak_dp``) clip to their bound and add their aggregate noise seen at the
-scale of one update (n * sigma, which is z * C for central DP). Every other stage (robust
-aggregators, validation, reputation, signatures) lets a selected update through unchanged.
+``bench_privacy_map`` (see :mod:`phalanx.bench_privacy`); :mod:`phalanx.report` makes the tables
+and plots.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import inspect
+import itertools
 import json
-import math
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -37,11 +29,11 @@ from typing import Any, Callable, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config import DefenseItem, apply_overrides, defense_item, parse_config
+from .bench_privacy import plan_privacy, run_probe, store_probe
+from .config import DefenseItem, apply_overrides, parse_config
 from .errors import ConfigError, PhalanxError
 from .store import Store
 
-FAMILIES = ("random", "adaptive", "backdoor", "none")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bench_grids (grid TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL);
 CREATE TABLE IF NOT EXISTS bench_cells (
@@ -120,13 +112,10 @@ class GridSpec(_Strict):
             raise ValueError(f"every fraction (or count) must be >= 0, got {v}")
         return v
 
-    def stages(self, label: str) -> DefenseSpec:
-        return self.defenses[label]
-
     def baseline_label(self) -> str | None:
         if self.baseline is not None:
             return self.baseline
-        return next((k for k in self.defenses if self.stages(k).stages == ["mean"]), None)
+        return next((k for k in self.defenses if self.defenses[k].stages == ["mean"]), None)
 
 
 _MODELS = {"attacks": AttackSpec, "defenses": DefenseSpec, "privacy": PrivacySpec, "partitions": PartitionSpec}
@@ -220,40 +209,30 @@ def _merge(node: dict, path: str, updates: dict) -> None:
 
 def expand(spec: GridSpec) -> list[Cell]:
     """Every cell of the grid, in axis order (datasets, partitions, byzantine, attacks, defenses, seeds)."""
-    import copy
-
     base = spec.base
-    datasets = spec.datasets or [base.get("data", {}).get("dataset", "fashion-mnist")]
-    partitions = spec.partitions or [PartitionSpec(**{k: v for k, v in base.get("data", {}).items()
-                                                      if k in PartitionSpec.model_fields})]
+    data = base.get("data", {}) if isinstance(base.get("data"), dict) else {}
+    datasets = spec.datasets or [data.get("dataset", "fashion-mnist")]
+    partitions = spec.partitions or [PartitionSpec(**{k: v for k, v in data.items() if k in PartitionSpec.model_fields})]
     fractions = spec.byzantine or [base.get("attack", {}).get("byzantine", 0.0)]
     cells, seen = [], set()
-    for ds in datasets:
-        for part in partitions:
-            for byz in fractions:
-                for alabel, a in spec.attacks.items():
-                    for dlabel in spec.defenses:
-                        d = spec.stages(dlabel)
-                        for seed in spec.seeds:
-                            raw = copy.deepcopy(base)
-                            _merge(raw, "data", {"dataset": ds, **part.model_dump(exclude_none=True)})
-                            block = a.model_dump(exclude={"family", "federation"})
-                            raw["attack"] = {**block, "byzantine": byz}
-                            _merge(raw, "federation", {**d.federation, **a.federation})
-                            raw["defense"] = copy.deepcopy(d.stages)
-                            raw["seed"] = seed
-                            raw["name"] = f"{spec.name}/{alabel}/{dlabel}/s{seed}"
-                            coords = {"dataset": ds, "partition": part.label(), "byzantine": float(byz),
-                                      "attack": alabel, "family": a.family, "defense": dlabel, "seed": seed}
-                            try:
-                                cfg = parse_config(raw)
-                            except ConfigError as e:
-                                raise ConfigError(f"cell attack={alabel}, defense={dlabel}: {e}") from None
-                            ident = tuple(coords.values())
-                            if ident not in seen:
-                                seen.add(ident)
-                                cells.append(Cell(cell_key(cfg), cfg.model_dump(mode="json"), coords,
-                                                  cfg.federation.rounds))
+    for ds, part, byz, (alabel, a), dlabel, seed in itertools.product(
+            datasets, partitions, fractions, spec.attacks.items(), spec.defenses, spec.seeds):
+        d = spec.defenses[dlabel]
+        coords = {"dataset": ds, "partition": part.label(), "byzantine": float(byz), "attack": alabel,
+                  "family": a.family, "defense": dlabel, "seed": seed}
+        if tuple(coords.values()) in seen:
+            continue
+        seen.add(tuple(coords.values()))
+        raw = copy.deepcopy(base)
+        _merge(raw, "data", {"dataset": ds, **part.model_dump(exclude_none=True)})
+        _merge(raw, "federation", {**d.federation, **a.federation})
+        raw.update(attack={**a.model_dump(exclude={"family", "federation"}), "byzantine": byz},
+                   defense=copy.deepcopy(d.stages), seed=seed, name=f"{spec.name}/{alabel}/{dlabel}/s{seed}")
+        try:
+            cfg = parse_config(raw)
+        except ConfigError as e:
+            raise ConfigError(f"cell attack={alabel}, defense={dlabel}: {e}") from None
+        cells.append(Cell(cell_key(cfg), cfg.model_dump(mode="json"), coords, cfg.federation.rounds))
     _check_buildable(cells)
     return cells
 
@@ -282,72 +261,6 @@ def _check_buildable(cells: list[Cell]) -> None:
             build_defense(cfg["defense"], f=0, **inject)
         except PhalanxError as e:
             raise ConfigError(f"cell attack={c.coords['attack']}, defense={c.coords['defense']}: {e}") from None
-
-
-# ---------------------------------------------------------------- the leakage audit
-
-
-def audit_rule(stages: list, clients_per_round: int) -> list[list]:
-    """The transforms a single client's update goes through, as [op, value] pairs (see the module doc)."""
-    from .registry import DEFENSES
-
-    rule: list[list] = []
-    for item in stages:
-        name, params = defense_item(item)
-        sig = inspect.signature(DEFENSES.get(name)).parameters
-        p = {k: v.default for k, v in sig.items() if v.default is not inspect.Parameter.empty} | params
-        if name in ("clip", "update_clip") and isinstance(p.get("max_norm"), (int, float)):
-            rule.append(["clip", float(p["max_norm"])])
-        elif name == "grad_noise":
-            rule.append(["noise", float(p["sigma"]), p.get("kind", "gaussian")])
-        elif name == "prune":
-            rule.append(["prune", float(p["ratio"])])
-        elif name == "central_dp":
-            rule += [["clip", float(p["clip"])], ["noise", float(p["noise_multiplier"]) * float(p["clip"]), "gaussian"]]
-        elif name == "weak_dp":
-            bound = next((p[k] for k in ("max_norm", "clip", "norm_bound") if isinstance(p.get(k), (int, float))), None)
-            sigma = next((p[k] for k in ("sigma", "std", "noise") if isinstance(p.get(k), (int, float))), None)
-            rule += ([["clip", float(bound)]] if bound else []) + (
-                [["noise", float(sigma) * clients_per_round, "gaussian"]] if sigma else [])
-    return rule
-
-
-def privacy_probe(rule: list[list], seed: int, steps: int, attack: str = "idlg",
-                  dataset: str = "fashion-mnist") -> dict[str, Any]:
-    """iDLG (LeNet, sigmoid, batch 1) on one test image's gradient after ``rule``: PSNR, SSIM, label accuracy."""
-    import numpy as np
-    import torch
-
-    from .attacks.inversion import batch_gradient, invert
-    from .data import load_dataset
-    from .defenses.privacy import clip_update, grad_noise, prune
-    from .leakage import score
-    from .models import build_model
-
-    t0 = time.perf_counter()
-    ds = load_dataset(dataset)
-    i = int(np.random.default_rng([seed, 23]).integers(len(ds.y_test)))
-    x, y = ds.x_test[i:i + 1], ds.y_test[i:i + 1]
-    model = build_model("lenet", ds.in_shape, ds.num_classes, seed)
-    g = torch.cat([t.flatten() for t in batch_gradient(model, x, y)])
-    gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 29]).integers(2**62)))
-    for op, value, *rest in rule:
-        if op == "clip":
-            g = clip_update(g, value)
-        elif op == "noise":
-            g = grad_noise(g, value, rest[0] if rest else "gaussian", gen)
-        elif op == "prune":
-            g = prune(g, value)
-    res = invert(model, g, attack=attack, batch_size=1, in_shape=ds.in_shape, steps=steps, restarts=1, seed=seed)
-    s = score(x, res.images, y, res.labels)
-    psnr = float(s.psnr[0])
-    return {"psnr": psnr if math.isfinite(psnr) else 99.0, "ssim": float(s.ssim[0]),
-            "label_acc": s.label_acc, "seconds": time.perf_counter() - t0}
-
-
-def probe_key(rule: list, seed: int, p: PrivacySpec) -> str:
-    body = json.dumps([rule, seed, p.steps, p.attack, p.dataset, 1])
-    return "p" + hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- running
@@ -411,15 +324,6 @@ def _reputation_probe(fed) -> Callable:
     return probe
 
 
-def _run_probe(probe: str, rule: list, seed: int, p: dict) -> dict[str, Any]:
-    import phalanx  # noqa: F401
-
-    try:
-        return {"probe": probe, "status": "done", **privacy_probe(rule, seed, p["steps"], p["attack"], p["dataset"])}
-    except Exception as e:
-        return {"probe": probe, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-
-
 @dataclass
 class GridOutcome:
     total: int = 0
@@ -441,25 +345,6 @@ def record_layout(store: Store, spec: GridSpec, cells: list[Cell]) -> None:
     db.executemany("INSERT OR REPLACE INTO bench_cells VALUES (?,?,?,?,?,?,?,?,?)",
                    [(spec.name, *c.coords.values(), c.key) for c in cells])
     db.execute("COMMIT")
-
-
-def plan_privacy(store: Store, spec: GridSpec) -> list[tuple[str, list, int]]:
-    """Map each defense label to its audit probes; return the probes not yet stored."""
-    if spec.privacy is None:
-        return []
-    base = parse_config({k: v for k, v in spec.base.items() if k not in ("attack", "defense")})
-    k = base.federation.clients_per_round or base.federation.num_clients
-    rows, todo, stored = [], {}, {r[0] for r in store.db.execute("SELECT probe FROM bench_privacy")}
-    for label in spec.defenses:
-        rule = audit_rule(spec.stages(label).stages, k)
-        for seed in range(spec.privacy.seeds):
-            key = probe_key(rule, seed, spec.privacy)
-            rows.append((spec.name, label, seed, key))
-            if key not in stored:
-                todo[key] = (key, rule, seed)
-    store.db.execute("DELETE FROM bench_privacy_map WHERE grid=?", (spec.name,))
-    store.db.executemany("INSERT OR REPLACE INTO bench_privacy_map VALUES (?,?,?,?)", rows)
-    return list(todo.values())
 
 
 def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: int | None = None,
@@ -493,7 +378,7 @@ def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: 
             for c in todo:
                 _collect(out, store, c, run_cell(c.key, c.config, str(db), _advancer(progress)), progress)
             for key, rule, seed in probes:
-                _store_probe(store, out, rule, seed, _run_probe(key, rule, seed, pdict), progress)
+                store_probe(store, out, rule, seed, run_probe(key, rule, seed, pdict), progress)
         else:
             _run_parallel(out, store, todo, probes, pdict, str(db), workers, progress)
     except KeyboardInterrupt:
@@ -516,18 +401,6 @@ def _collect(out: GridOutcome, store: Store, cell: Cell, res: dict, progress) ->
         progress.cell_done(cell, res)
 
 
-def _store_probe(store: Store, out: GridOutcome, rule: list, seed: int, res: dict, progress) -> None:
-    if res["status"] == "done":
-        store.db.execute("INSERT OR REPLACE INTO bench_privacy VALUES (?,?,?,?,?,?,?,?)",
-                         (res["probe"], json.dumps(rule), seed, res["psnr"], res["ssim"],
-                          None if math.isnan(res["label_acc"]) else res["label_acc"], res["seconds"], time.time()))
-        out.probes += 1
-    else:
-        out.failed.append((f"privacy probe {json.dumps(rule)} seed {seed}", res["error"]))
-    if progress:
-        progress.probe_done()
-
-
 def _run_parallel(out, store, todo, probes, pdict, db, workers, progress) -> None:
     import multiprocessing as mp
 
@@ -536,7 +409,7 @@ def _run_parallel(out, store, todo, probes, pdict, db, workers, progress) -> Non
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
     try:
         futures = {pool.submit(run_cell, c.key, c.config, db): ("cell", c) for c in todo}
-        futures.update({pool.submit(_run_probe, key, rule, seed, pdict): ("probe", (rule, seed))
+        futures.update({pool.submit(run_probe, key, rule, seed, pdict): ("probe", (rule, seed))
                         for key, rule, seed in probes})
         pending = set(futures)
         while pending:
@@ -551,7 +424,7 @@ def _run_parallel(out, store, todo, probes, pdict, db, workers, progress) -> Non
                 if kind == "cell":
                     _collect(out, store, item, res, progress)
                 else:
-                    _store_probe(store, out, *item, res, progress)
+                    store_probe(store, out, *item, res, progress)
         _drain(queue, progress)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

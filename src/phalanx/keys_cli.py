@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .defenses.signing import KeyRegistry
+from .keys import KeyRegistry
 from .errors import PhalanxError
 
 app = typer.Typer(help="Manage client signing keys (ECDSA P-256).", no_args_is_help=True,

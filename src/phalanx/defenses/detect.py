@@ -150,11 +150,13 @@ class FoolsGold(Aggregator):
         if self.history is not None and self.history.shape[1] != d:
             raise PhalanxError(f"{self.name}: the stored history has d={self.history.shape[1]}, "
                                f"got updates with d={d}")
+        if self.history is not None:
+            self.history = self.history.to(like.device)
         pos = {c: i for i, c in enumerate(self.ids)}
         new = [c for c in dict.fromkeys(ids) if c not in pos]
         if new:
             grow = torch.zeros(len(new), d, dtype=like.dtype, device=like.device)
-            self.history = grow if self.history is None else torch.cat([self.history.to(like.device), grow])
+            self.history = grow if self.history is None else torch.cat([self.history, grow])
             for c in new:
                 pos[c] = len(self.ids)
                 self.ids.append(c)

@@ -75,7 +75,8 @@ def heatmap(res: Results, rows: list[Summary], scenario, metric: str) -> Figure:
     key = f"heatmap-{metric}-{'-'.join(str(x) for x in scenario)}"
     title = f"{'Attack success rate' if backdoor else 'Final accuracy'}: defense x attack"
     cap = (f"{title} ({_scen(scenario)}), mean over seeds, in %. "
-           + ("Green: backdoor held off (low ASR)." if backdoor else "Green: high accuracy."))
+           + ("Green: backdoor held off (low ASR)." if backdoor else
+              "Colour scale from the best cell (green) to 30 points below it (red)."))
     if not attacks:
         return Figure(key, title, cap, note="no backdoor attacks in this grid" if backdoor else "no attacks")
     import numpy as np
@@ -87,8 +88,12 @@ def heatmap(res: Results, rows: list[Summary], scenario, metric: str) -> Figure:
             stat = (e.asr if backdoor else e.acc) if e else None
             if stat:
                 M[i, j] = stat.mean
+    lo, hi = 0.0, 1.0
+    if not backdoor and not np.isnan(M).all():  # colour the band from 30 points below the best to the best
+        hi = float(np.nanmax(M))
+        lo = max(0.0, hi - 0.3)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(attacks), 0.9 + 0.42 * len(rows)))
-    im = ax.imshow(M, cmap="RdYlGn_r" if backdoor else "RdYlGn", vmin=0, vmax=1, aspect="auto")
+    im = ax.imshow(M, cmap="RdYlGn_r" if backdoor else "RdYlGn", vmin=lo, vmax=hi, aspect="auto")
     ax.set_xticks(range(len(attacks)), attacks, rotation=35, ha="right")
     ax.set_yticks(range(len(rows)), [s.defense for s in rows])
     for i in range(M.shape[0]):

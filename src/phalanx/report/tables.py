@@ -248,6 +248,11 @@ def _pts(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _pm(s: Stat) -> str:
+    """' ±std' over seeds (nothing for a single seed)."""
+    return f" ±{_pts(s.std)}" if s.n > 1 else ""
+
+
 def _where(res: Results, e: Entry, show_attack: bool = True) -> str:
     parts = [e.attack] if show_attack else []
     if len(res.scenarios) > 1:
@@ -260,14 +265,14 @@ def fmt_accuracy(res: Results, e: Entry | None, show_attack: bool = True, symbol
     if e is None or e.acc is None:
         return "-"
     s = f"{SYMBOLS[e.tick]} " if symbol else ""
-    return f"{s}{_pts(e.acc.mean)} ±{_pts(e.acc.std)}, peak {_pts(e.peak.mean)}{_where(res, e, show_attack)}"
+    return f"{s}{_pts(e.acc.mean)}{_pm(e.acc)}, peak {_pts(e.peak.mean)}{_where(res, e, show_attack)}"
 
 
 def fmt_backdoor(res: Results, e: Entry | None, show_attack: bool = True) -> str:
     if e is None or e.asr is None:
         return "-"
     acc = f", acc {_pts(e.acc.mean)}" if e.acc else ""
-    return f"{SYMBOLS[e.tick]} ASR {_pts(e.asr.mean)}% ±{_pts(e.asr.std)}{acc}{_where(res, e, show_attack)}"
+    return f"{SYMBOLS[e.tick]} ASR {_pts(e.asr.mean)}%{_pm(e.asr)}{acc}{_where(res, e, show_attack)}"
 
 
 def headline(res: Results, rows: list[Summary]) -> tuple[list[str], list[list[str]], list[list[str | None]]]:
@@ -297,7 +302,7 @@ def detail(res: Results, rows: list[Summary], scenario) -> tuple[list[str], list
                              f"acc {_pts(e.acc.mean) if e.acc else '-'}")
             elif e.acc is not None:
                 sym = f"{SYMBOLS[e.tick]} " if res.attacks[a] != "none" else ""
-                t_row.append(f"{sym}{_pts(e.acc.mean)} ±{_pts(e.acc.std)} [{_pts(e.acc.lo)}-{_pts(e.acc.hi)}] "
+                t_row.append(f"{sym}{_pts(e.acc.mean)}{_pm(e.acc)} [{_pts(e.acc.lo)}-{_pts(e.acc.hi)}] "
                              f"peak {_pts(e.peak.mean)}")
             else:
                 t_row.append("-")
@@ -310,8 +315,8 @@ def detail(res: Results, rows: list[Summary], scenario) -> tuple[list[str], list
 def legend(res: Results) -> str:
     base = f"'{res.baseline}' (no attack)" if res.baseline else "the same defense without attack"
     seeds = sorted({r.seed for r in res.runs})
-    return (f"Numbers are test accuracy in % at the last round, mean over {len(seeds)} seed(s) ± standard "
-            f"deviation, with the peak over rounds; worst case over the attacks of each family. "
+    return (f"Numbers are test accuracy in % at the last round, mean over {len(seeds)} seed(s) (± standard "
+            f"deviation over seeds when there are several), with the peak over rounds; worst case over the attacks of each family. "
             f"Accuracy ticks compare with the clean accuracy of {base} in the same setting: "
             f"✓ held = within {THRESHOLDS['accuracy_held']:g} points, ◐ partial = within "
             f"{THRESHOLDS['accuracy_partial']:g} points, ✗ broken = further below. Backdoors: attack success "
