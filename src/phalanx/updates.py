@@ -55,7 +55,9 @@ def pairwise_sq_dists(U: torch.Tensor, V: torch.Tensor | None = None) -> torch.T
 def cosine_matrix(U: torch.Tensor, V: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
     """Cosine similarity between rows of U (and V), float64 [n, m]."""
     A = U.double()
-    B = A if V is None else V.double()
     A = A / A.norm(dim=1, keepdim=True).clamp_min(eps)
+    if V is None:
+        return A @ A.T
+    B = V.double()
     B = B / B.norm(dim=1, keepdim=True).clamp_min(eps)
     return A @ B.T

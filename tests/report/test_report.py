@@ -35,6 +35,11 @@ def db(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def written(db, tmp_path_factory):
+    return write_report(db, tmp_path_factory.mktemp("out"))
+
+
 @pytest.mark.parametrize("value, ref, expected", [
     (0.75, 0.80, "held"), (0.7499, 0.80, "partial"), (0.85, 0.80, "held"),
     (0.60, 0.80, "partial"), (0.5999, 0.80, "broken"), (0.5, None, None)])
@@ -62,8 +67,8 @@ def test_summary_uses_the_thresholds_as_stated(db):
     assert rows["mean"].psnr == rows["layered"].psnr  # robust aggregation lets the update through
 
 
-def test_report_has_the_table_and_every_figure(db, tmp_path):
-    rep = write_report(db, tmp_path / "out")
+def test_report_has_the_table_and_every_figure(written):
+    rep = written
     page = rep.html.read_text()
     assert 'id="comparative-table"' in page and "Adaptive attacks" in page and "within 5 points" in page
     for key in FIGURES:
@@ -86,6 +91,7 @@ def test_report_without_optional_data_says_what_it_skipped(tmp_path):
     g = {k: v for k, v in GRID.items() if k != "privacy"}
     g["attacks"] = {"sign": GRID["attacks"]["sign"]}
     g["defenses"] = {"mean": ["mean"]}
+    g["base"] = {**g["base"], "federation": {**g["base"]["federation"], "rounds": 2}}
     run_grid(parse_grid(g), tmp_path / "a.db", workers=1)
     page = write_report(tmp_path / "a.db", tmp_path / "out").html.read_text()
     for key in ("heatmap-asr", "reputation", "privacy"):
@@ -94,8 +100,8 @@ def test_report_without_optional_data_says_what_it_skipped(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="chromium not installed (optional system package)")
-def test_screenshot_in_headless_chromium(db, tmp_path):
-    rep = write_report(db, tmp_path / "out")
+def test_screenshot_in_headless_chromium(written, tmp_path):
+    rep = written
     script = Path(__file__).resolve().parents[2] / "scripts" / "screenshot_report.py"
     png = tmp_path / "shot.png"
     r = subprocess.run([sys.executable, str(script), str(rep.html), "--out", str(png)], capture_output=True,

@@ -11,7 +11,6 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import PhalanxError
 from ..store import Store
