@@ -190,7 +190,8 @@ class Cell:
     @property
     def label(self) -> str:
         c = self.coords
-        return f"{c['attack']} x {c['defense']} (seed {c['seed']}, {c['dataset']}, {c['partition']}, byz {c['byzantine']:g})"
+        return (f"{c['attack']} x {c['defense']} (seed {c['seed']}, {c['dataset']}, {c['partition']}, "
+                f"byz {c['byzantine']:g})")
 
 
 def cell_key(cfg) -> str:
@@ -212,7 +213,8 @@ def expand(spec: GridSpec) -> list[Cell]:
     base = spec.base
     data = base.get("data", {}) if isinstance(base.get("data"), dict) else {}
     datasets = spec.datasets or [data.get("dataset", "fashion-mnist")]
-    partitions = spec.partitions or [PartitionSpec(**{k: v for k, v in data.items() if k in PartitionSpec.model_fields})]
+    partitions = spec.partitions or [
+        PartitionSpec(**{k: v for k, v in data.items() if k in PartitionSpec.model_fields})]
     fractions = spec.byzantine or [base.get("attack", {}).get("byzantine", 0.0)]
     cells, seen = [], set()
     for ds, part, byz, (alabel, a), dlabel, seed in itertools.product(
@@ -340,7 +342,8 @@ def record_layout(store: Store, spec: GridSpec, cells: list[Cell]) -> None:
     db = store.db
     db.executescript(SCHEMA)
     db.execute("BEGIN")
-    db.execute("INSERT OR REPLACE INTO bench_grids VALUES (?,?,?)", (spec.name, json.dumps(spec.model_dump(mode="json")), time.time()))
+    db.execute("INSERT OR REPLACE INTO bench_grids VALUES (?,?,?)",
+               (spec.name, json.dumps(spec.model_dump(mode="json")), time.time()))
     db.execute("DELETE FROM bench_cells WHERE grid=?", (spec.name,))
     db.executemany("INSERT OR REPLACE INTO bench_cells VALUES (?,?,?,?,?,?,?,?,?)",
                    [(spec.name, *c.coords.values(), c.key) for c in cells])
@@ -383,6 +386,9 @@ def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: 
             _run_parallel(out, store, todo, probes, pdict, str(db), workers, progress)
     except KeyboardInterrupt:
         out.interrupted = True
+    finally:
+        if str(db) in _STORES:  # the in-process worker's connection
+            _STORES.pop(str(db)).close()
     out.seconds = time.perf_counter() - t0
     store.close()
     return out

@@ -60,8 +60,9 @@ class RichProgress:
 
 
 def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x seeds)"),
-          db: Optional[Path] = typer.Option(None, help="SQLite results store [default: results/<grid name>.db]"),
-          workers: Optional[int] = typer.Option(None, min=1, help="parallel worker processes [default: the grid's]"),
+          db: Optional[Path] = typer.Option(None, help="SQLite results store (default: results/<grid name>.db)"),
+          workers: Optional[int] = typer.Option(None, min=1,
+                                                help="parallel worker processes (default: the grid's workers)"),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override a grid field: key.sub=value"),
           limit: Optional[int] = typer.Option(None, min=1, help="run at most N pending cells, then stop"),
           out: Optional[Path] = typer.Option(None, help="also write the HTML report into this folder")):
@@ -82,9 +83,14 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
                       f"{outcome.seconds:.1f} s; stored in {db}", highlight=False)
         if outcome.interrupted:
             _fail(f"interrupted; rerun the same command to resume ({db} keeps the finished cells)")
-        _print_table(db, spec.name)
-        if out is not None:
-            _write(db, out, spec.name)
+        try:
+            _print_table(db, spec.name)
+            if out is not None:
+                _write(db, out, spec.name)
+        except PhalanxError as e:
+            if not outcome.failed:
+                raise
+            console.print(f"no table: {e}", highlight=False)
         if outcome.failed:
             label, err = outcome.failed[0]
             _fail(f"{len(outcome.failed)} cell(s) failed; first: {label}: {err}")

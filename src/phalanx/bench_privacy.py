@@ -28,11 +28,18 @@ if TYPE_CHECKING:
     from .bench import GridOutcome, GridSpec, PrivacySpec
 
 
-def audit_rule(stages: list, clients_per_round: int) -> list[list]:
-    """The transforms a single client's update goes through, as [op, value] pairs (see the module doc)."""
+def audit_rule(stages: list, clients_per_round: int, dp_sgd: tuple[float, float] | None = None) -> list[list]:
+    """The transforms a single client's update goes through, as [op, value] pairs (see the module doc).
+
+    dp_sgd: (noise_multiplier, max_grad_norm) when clients train with DP-SGD: for one sample the
+    private gradient is the gradient clipped to max_grad_norm plus N(0, (z * max_grad_norm)^2).
+    """
     from .registry import DEFENSES
 
     rule: list[list] = []
+    if dp_sgd is not None:
+        z, c = dp_sgd
+        rule += [["clip", float(c)], ["noise", float(z) * float(c), "gaussian"]]
     for item in stages:
         name, params = defense_item(item)
         sig = inspect.signature(DEFENSES.get(name)).parameters
@@ -94,11 +101,12 @@ def plan_privacy(store: Store, spec: GridSpec) -> list[tuple[str, list, int]]:
     """Map each defense label to its audit probes; return the probes not yet stored."""
     if spec.privacy is None:
         return []
-    base = parse_config({k: v for k, v in spec.base.items() if k not in ("attack", "defense")})
-    k = base.federation.clients_per_round or base.federation.num_clients
     rows, todo, stored = [], {}, {r[0] for r in store.db.execute("SELECT probe FROM bench_privacy")}
-    for label in spec.defenses:
-        rule = audit_rule(spec.defenses[label].stages, k)
+    for label, d in spec.defenses.items():
+        raw = {k: v for k, v in spec.base.items() if k not in ("attack", "defense")}
+        raw["federation"] = {**raw.get("federation", {}), **d.federation}
+        fed = parse_config(raw).federation
+        rule = audit_rule(d.stages, fed.clients_per_round or fed.num_clients, _dp_sgd(raw, fed))
         for seed in range(spec.privacy.seeds):
             key = probe_key(rule, seed, spec.privacy)
             rows.append((spec.name, label, seed, key))
@@ -107,6 +115,20 @@ def plan_privacy(store: Store, spec: GridSpec) -> list[tuple[str, list, int]]:
     store.db.execute("DELETE FROM bench_privacy_map WHERE grid=?", (spec.name,))
     store.db.executemany("INSERT OR REPLACE INTO bench_privacy_map VALUES (?,?,?,?)", rows)
     return list(todo.values())
+
+
+def _dp_sgd(raw: dict, fed) -> tuple[float, float] | None:
+    """(noise multiplier, clip) of the configured DP-SGD; a target epsilon is turned into its noise as the
+    federation does it."""
+    dp = getattr(fed, "dp_sgd", None)
+    if dp is None:
+        return None
+    z = dp.noise_multiplier
+    if z is None:
+        from .federation import Federation
+
+        z = Federation(parse_config({**raw, "attack": {}, "defense": ["mean"]})).dp_noise
+    return float(z), float(dp.max_grad_norm)
 
 
 def run_probe(probe: str, rule: list, seed: int, p: dict) -> dict[str, Any]:

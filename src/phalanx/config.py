@@ -47,6 +47,21 @@ class ModelConfig(Strict):
         return v
 
 
+class DPSGDConfig(Strict):
+    """Client-side DP-SGD through Opacus (Abadi et al. 2016): per-sample clipping and noise."""
+
+    noise_multiplier: float | None = Field(None, gt=0, description="sigma / max_grad_norm")
+    target_epsilon: float | None = Field(None, gt=0, description="derive the noise for this epsilon over the run")
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("set exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
 class FederationConfig(Strict):
     num_clients: int = Field(20, ge=1)
     clients_per_round: int | None = Field(None, ge=1, description="default: all clients")
@@ -62,6 +77,7 @@ class FederationConfig(Strict):
     engine: Literal["sequential", "vectorized"] = Field(
         "vectorized", description="local training all clients at once (torch.func), or one at a time")
     eval_every: int = Field(1, ge=1)
+    dp_sgd: DPSGDConfig | None = Field(None, description="honest clients train with DP-SGD (Opacus)")
     signing: bool = Field(False, description="clients sign their updates (ECDSA P-256); pair with "
                                              "the 'verify' defense layer")
     recovery_drop: float | None = Field(None, gt=0, le=1, description="roll back a round when server "

@@ -33,7 +33,7 @@ from .metrics import client_stats, detection
 from .models import build_model
 from .registry import ATTACKS, DEFENSES, POISONS
 from .training import LocalSpec, evaluate, local_update, vectorized_updates
-from .updates import flatten_params
+from .updates import flatten_params, load_flat
 
 
 def build_defense(items: list, f: int = 0, **inject: Any) -> Pipeline:
@@ -157,6 +157,8 @@ class Federation:
         self.events: list[tuple[int, str, dict]] = []
         self.first_quarantine: dict[str, int] = {}
         self.round = 0
+        if fed.dp_sgd is not None:
+            self.setup_dp()
         if fed.recovery_drop is not None and not fed.server_data:
             raise ConfigError("federation.recovery_drop needs server data to measure accuracy: "
                               "set federation.server_data (for example 500)")
@@ -177,7 +179,56 @@ class Federation:
     def client_generator(self, rnd: int, client: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, rnd, client]).integers(2**62)))
 
+    def setup_dp(self) -> None:
+        """Per-client DP-SGD bookkeeping; with target_epsilon, the noise that reaches it by the last round."""
+        from .defenses.privacy import noise_for_epsilon
+
+        dp, fed = self.cfg.federation.dp_sgd, self.cfg.federation
+        self.dp_steps = {c: 0 for c in range(fed.num_clients)}
+        self.dp_noise = dp.noise_multiplier
+        if dp.target_epsilon is not None:
+            share = (fed.clients_per_round or fed.num_clients) / fed.num_clients
+            plans = {(min(1.0, fed.batch_size / len(p)), fed.local_epochs * -(-len(p) // fed.batch_size))
+                     for p in self.parts}
+            self.dp_noise = max(noise_for_epsilon(dp.target_epsilon, q, max(1, round(steps * fed.rounds * share)),
+                                                  dp.delta) for q, steps in plans)
+
+    def dp_epsilon(self) -> float:
+        """The largest epsilon any honest client has spent so far (RDP accountant)."""
+        from .defenses.privacy import dp_epsilon
+
+        dp, B = self.cfg.federation.dp_sgd, self.cfg.federation.batch_size
+        eps = [dp_epsilon(self.dp_noise, min(1.0, B / len(self.parts[c])), steps, dp.delta)
+               for c, steps in self.dp_steps.items() if steps]
+        return max(eps, default=0.0)
+
+    def dp_client_update(self, rnd: int, c: int) -> tuple[torch.Tensor, float]:
+        from .defenses.privacy import dp_sgd_train
+
+        fed, dp = self.cfg.federation, self.cfg.federation.dp_sgd
+        idx = self.parts[c]
+        load_flat(self.model, self.params)
+        self.model.train()
+        seed = int(np.random.default_rng([self.cfg.seed, rnd, c, 23]).integers(2**31))
+        dp_sgd_train(self.model, self.data.x_train[idx], self.data.y_train[idx], fed.local_epochs,
+                     min(fed.batch_size, len(idx)), fed.lr, self.dp_noise, dp.max_grad_norm, dp.delta, seed)
+        self.dp_steps[c] += fed.local_epochs * -(-len(idx) // fed.batch_size)
+        return flatten_params(self.model) - self.params, float("nan")
+
     def train_clients(self, rnd: int, chosen: np.ndarray, attacking: bool) -> tuple[torch.Tensor, list[float]]:
+        if self.cfg.federation.dp_sgd is not None:  # honest clients train privately, attackers do not
+            rows, losses = [], []
+            for c in chosen:
+                if self.malicious[c]:
+                    poison = self.poisons.get(int(c)) if attacking else None
+                    idx = self.parts[c]
+                    upd, loss = local_update(self.model, self.params, self.data.x_train[idx], self.data.y_train[idx],
+                                             self.spec, self.client_generator(rnd, int(c)), poison)
+                else:
+                    upd, loss = self.dp_client_update(rnd, int(c))
+                rows.append(upd)
+                losses.append(loss)
+            return torch.stack(rows), losses
         if self.cfg.federation.engine == "vectorized":
             data = [(self.data.x_train[self.parts[c]], self.data.y_train[self.parts[c]]) for c in chosen]
             gens = [self.client_generator(rnd, int(c)) for c in chosen]
@@ -264,11 +315,16 @@ class Federation:
             g, report, rolled_back = self.recover(U, w, ctx, g, report, snapshot)
         self.params = self.params + self.cfg.federation.server_lr * g.to(self.params.dtype)
         discarded = report.discarded()
-        metrics: dict[str, Any] = {"train_loss": float(np.mean(losses)), "agg_seconds": agg_seconds,
+        metrics: dict[str, Any] = {"train_loss": float(np.nanmean(losses)) if not all(np.isnan(losses)) else None, "agg_seconds": agg_seconds,
                                    "rejected": int(discarded.sum()), "attacking": bool(attacking and mal.any()),
                                    "rolled_back": rolled_back, **detection(discarded, mal)}
         if self.signers:
             metrics["sign_seconds"] = sign_seconds
+        if self.cfg.federation.dp_sgd is not None:
+            metrics["epsilon"] = self.dp_epsilon()
+        for step in self.defense.post:  # central DP reports its epsilon (a property)
+            if isinstance(getattr(step, "epsilon", None), float):
+                metrics["epsilon_central"] = step.epsilon
         fed = self.cfg.federation
         if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
             metrics.update(self.evaluate())

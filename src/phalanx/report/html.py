@@ -43,7 +43,8 @@ def _figure(f: Figure) -> str:
 
 def _privacy(res: Results, rows: list[Summary]) -> str:
     if not res.privacy:
-        return '<p class="note">No leakage audit in this store (add <code>privacy: {seeds: 3, steps: 200}</code> to the grid).</p>'
+        return ('<p class="note">No leakage audit in this store (add <code>privacy: {seeds: 3, steps: 200}</code> '
+                "to the grid).</p>")
     body = []
     for s in rows:
         vals = res.privacy.get(s.defense)

@@ -192,8 +192,8 @@ def reputation(res: Results, store: Store, scenario, cache: dict) -> Figure:
             if per:
                 panels.append((d, a, per, bad))
     if not panels:
-        return Figure("reputation", title, cap, note="no run stored reputation scores (no reputation layer in the grid, "
-                                                     "or the runs predate reputation logging)")
+        return Figure("reputation", title, cap, note="no run stored reputation scores (no reputation layer in "
+                                                     "the grid, or the runs predate reputation logging)")
     fig, axes = _panels(len(panels[:12]))
     for ax, (d, a, per, bad) in zip(axes, panels[:12]):
         xs = sorted(per)
@@ -280,9 +280,18 @@ def privacy_utility(res: Results, rows: list[Summary]) -> Figure:
                                                   "to the grid")
     colours = _colours(res.defenses)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for d, x, y in pts:
+    xs, ys = [p[1] for p in pts], [100 * p[2] for p in pts]
+    dx, dy = 0.03 * ((max(xs) - min(xs)) or 10), 0.075 * ((max(ys) - min(ys)) or 2)
+    placed: list[tuple[float, float]] = []
+    for d, x, y in sorted(pts, key=lambda p: p[2]):
         ax.scatter([x], [100 * y], color=colours[d], s=40)
-        ax.annotate(d, (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ly = 100 * y
+        while any(abs(ly - py) < dy and abs(x - px) < 4 * dx for px, py in placed):  # no overlapping labels
+            ly += dy
+        placed.append((x, ly))
+        ax.annotate(d, (x, 100 * y), xytext=(x + dx, ly), textcoords="data", fontsize=8, va="center",
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
+    ax.set_xlim(min(xs) - 2 * dx, max(xs) + 10 * dx)
     ax.set_xlabel("iDLG PSNR, dB (lower = more private)")
     ax.set_ylabel("clean accuracy, %")
     ax.grid(alpha=0.3)

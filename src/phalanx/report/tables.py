@@ -103,7 +103,8 @@ def _has_table(store: Store, name: str) -> bool:
 def load_results(store: Store, grid: str | None = None) -> Results:
     """Every grid cell of ``store`` (or of one grid) with its latest finished run."""
     if not _has_table(store, "bench_cells"):
-        raise PhalanxError(f"{store.path}: no grid results in this store; run `phalanx bench GRID --db {store.path}` first")
+        raise PhalanxError(f"{store.path}: no grid results in this store; run "
+                           f"`phalanx bench GRID --db {store.path}` first")
     specs = {g: json.loads(s) for g, s in store.db.execute("SELECT grid, spec FROM bench_grids ORDER BY updated")}
     if grid is not None and grid not in specs:
         raise PhalanxError(f"grid: expected one of {', '.join(specs) or 'none'} in {store.path}, got {grid!r}")
@@ -117,7 +118,8 @@ def load_results(store: Store, grid: str | None = None) -> Results:
             attacks.setdefault(label, a["family"])
         defenses += [d for d in specs[g]["defenses"] if d not in defenses]
     runs, missing, cache, scenarios = [], 0, {}, []
-    q = "SELECT dataset, partition, byzantine, attack, family, defense, seed, cell FROM bench_cells WHERE grid=? ORDER BY rowid"
+    q = ("SELECT dataset, partition, byzantine, attack, family, defense, seed, cell FROM bench_cells "
+         "WHERE grid=? ORDER BY rowid")
     for g in names:
         for row in store.db.execute(q, (g,)).fetchall():
             run_id = latest.get(row[7])
@@ -187,6 +189,7 @@ class Summary:
     ratio: float | None
     psnr: float | None
     cells: dict[tuple, Entry] = field(default_factory=dict)  # (scenario, attack) -> Entry
+    epsilon: float | None = None  # the largest DP epsilon spent in the defense's runs, when tracked
 
 
 def reference(res: Results, scenario, defense: str) -> float | None:
@@ -231,12 +234,15 @@ def summarize(res: Results) -> list[Summary]:
     out = []
     for d in res.defenses:
         cells = {(s, a): e for s in res.scenarios for a in res.attacks if (e := entry(res, s, a, d))}
-        fam = {f: [e for (s, a), e in cells.items() if res.attacks[a] == f] for f in ("none", "random", "adaptive", "backdoor")}
+        fam = {f: [e for (s, a), e in cells.items() if res.attacks[a] == f]
+               for f in ("none", "random", "adaptive", "backdoor")}
         psnr = res.privacy.get(d)
+        eps = [v for r in res.runs if r.defense == d for k in ("epsilon", "epsilon_central")
+               if (v := r.final(k)) is not None]
         out.append(Summary(d, _worst(fam["none"], False), _worst(fam["random"], False), _worst(fam["adaptive"], False),
                            _worst(fam["backdoor"], True), agg[d],
                            agg[d] / base_ms if agg[d] is not None and base_ms else None,
-                           statistics.median(psnr) if psnr else None, cells))
+                           statistics.median(psnr) if psnr else None, cells, max(eps) if eps else None))
     return out
 
 
@@ -279,7 +285,8 @@ def headline(res: Results, rows: list[Summary]) -> tuple[list[str], list[list[st
     text, ticks = [], []
     for s in rows:
         over = "-" if s.agg_ms is None else f"{s.agg_ms:.2f} ms" + (f" ({s.ratio:.1f}x)" if s.ratio else "")
-        priv = "-" if s.psnr is None else f"{s.psnr:.1f} dB"
+        priv = ", ".join(([f"{s.psnr:.1f} dB"] if s.psnr is not None else [])
+                         + ([f"ε {s.epsilon:.3g}"] if s.epsilon is not None else [])) or "-"
         text.append([s.defense, fmt_accuracy(res, s.clean, False, False), fmt_accuracy(res, s.random),
                      fmt_accuracy(res, s.adaptive), fmt_backdoor(res, s.backdoor), over, priv])
         ticks.append([None, None, *(e.tick if e else None for e in (s.random, s.adaptive, s.backdoor)), None, None])
@@ -315,15 +322,18 @@ def legend(res: Results) -> str:
     base = f"'{res.baseline}' (no attack)" if res.baseline else "the same defense without attack"
     seeds = sorted({r.seed for r in res.runs})
     return (f"Numbers are test accuracy in % at the last round, mean over {len(seeds)} seed(s) (± standard "
-            f"deviation over seeds when there are several), with the peak over rounds; worst case over the attacks of each family. "
+            f"deviation over seeds when there are several), with the peak over rounds; worst case over the "
+            f"attacks of each family. "
             f"Accuracy ticks compare with the clean accuracy of {base} in the same setting: "
             f"✓ held = within {THRESHOLDS['accuracy_held']:g} points, ◐ partial = within "
             f"{THRESHOLDS['accuracy_partial']:g} points, ✗ broken = further below. Backdoors: attack success "
-            f"rate (ASR), ✓ held < {100 * THRESHOLDS['asr_held']:g}%, ◐ partial < {100 * THRESHOLDS['asr_partial']:g}%, "
+            f"rate (ASR), ✓ held < {100 * THRESHOLDS['asr_held']:g}%, "
+            f"◐ partial < {100 * THRESHOLDS['asr_partial']:g}%, "
             f"✗ broken otherwise, with the main accuracy beside it. Overhead: aggregation time per round "
             f"(median over the defense's cells) and its ratio to '{res.baseline or '-'}'. Privacy: median PSNR "
             f"of iDLG reconstructions (LeNet, batch 1, Fashion-MNIST) from the single update the defense lets "
-            f"through; lower means less leakage.")
+            f"through; lower means less leakage; ε: the differential-privacy budget spent (δ as configured), "
+            f"where a DP mechanism tracks it.")
 
 
 def markdown_table(cols: list[str], rows: list[list[str]]) -> str:
