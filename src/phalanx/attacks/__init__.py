@@ -1,13 +1,6 @@
 """Attacks: model poisoning (rows of the update matrix), data poisoning, backdoors, inversion.
 
-Importing this package registers every built-in attack. Each submodule registers itself.
+Importing this package registers every built-in attack and data poison.
 """
 
-import importlib
-
-for _mod in ("model_poisoning", "adaptive", "data_poisoning", "backdoor", "backdoor_updates"):
-    try:
-        importlib.import_module(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as e:  # a module not written yet
-        if e.name != f"{__name__}.{_mod}":
-            raise
+from . import adaptive, backdoor, backdoor_updates, data_poisoning, model_poisoning  # noqa: F401
