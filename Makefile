@@ -28,7 +28,7 @@ data:
 	fi
 
 demo: setup
-	$(BIN)/phalanx run configs/demo.yaml --db results/demo.db
+	$(BIN)/phalanx bench configs/grid_demo.yaml --db results/demo.db --out results/demo
 
 test: setup
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)

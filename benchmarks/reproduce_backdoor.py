@@ -34,15 +34,15 @@ def settings(smoke: bool) -> dict:
     if smoke:
         return dict(dataset="digits", train_subset=None, model="logreg", clients=10, byzantine=2, rounds=2,
                     start=0, fire=1, lr=0.1, batch=16, trigger=dict(size=2, position="top-left", margin=0),
-                    dba=dict(parts=4, size=2, gap=1, position="top-left", margin=0), clip=1.0, sigma=0.002,
+                    dba=dict(parts=2, size=2, thickness=1, gap=1, position="top-left", margin=0), clip=1.0, sigma=0.002,
                     server_data=100, share=False)
     return dict(dataset="fashion-mnist", train_subset=30000, model="mlp", clients=20, byzantine=2, rounds=30,
                 start=5, fire=20, lr=0.05, batch=32, trigger=dict(size=4, position="top-left", margin=1),
-                dba=dict(parts=4, size=4, gap=1, position="top-left", margin=1), clip=1.0, sigma=0.002,
+                dba=dict(parts=2, size=4, thickness=2, gap=1, position="top-left", margin=1), clip=1.0, sigma=0.002,
                 server_data=100, share=False)
 
 
-FRACTION, TARGET, SOURCE, SEM_TARGET, SEM_QUANTILE = 0.5, 0, 0, 9, 0.9
+FRACTION, TARGET, SOURCE, SEM_TARGET, SEM_QUANTILE = 0.5, 0, 0, 6, 0.9
 ACC_LAST = 3
 
 
@@ -50,6 +50,10 @@ def semantic_threshold(ds, s) -> float:
     """The brightest 10% of class SOURCE in the (subset) training data: the semantic rule's threshold."""
     x = ds.x_train[ds.y_train == SOURCE].flatten(1).mean(1)
     return round(float(torch.quantile(x, SEM_QUANTILE)), 4)
+
+
+def semantic_params(s: dict, threshold: float) -> dict:
+    return {"source": SOURCE, "target": SEM_TARGET, "threshold": threshold, "fraction": FRACTION, "noise": 0.05}
 
 
 def config(partition: str, attack: str, defense: str, s: dict, threshold: float) -> dict:
@@ -65,8 +69,7 @@ def config(partition: str, attack: str, defense: str, s: dict, threshold: float)
     elif attack == "dba":
         atk.update(poison="dba", poison_params={**s["dba"], "target": TARGET, "fraction": FRACTION})
     elif attack == "semantic":
-        atk.update(poison="semantic", poison_params={"source": SOURCE, "target": SEM_TARGET, "threshold": threshold,
-                                                     "fraction": 0.25, "noise": 0.05})
+        atk.update(poison="semantic", poison_params=semantic_params(s, threshold))
     elif attack == "replacement":  # single shot: the poison and the boost only in round `fire`
         atk.update(name="model_replacement", params={"share": s["share"]}, rounds=[s["fire"]])
     elif attack == "constrain":
@@ -92,6 +95,7 @@ def run_cell(job: tuple) -> dict:
     from phalanx.config import parse_config
     from phalanx.data import load_dataset
     from phalanx.federation import Federation
+    from phalanx.registry import POISONS
 
     if s["dataset"] not in _DS:
         _DS[s["dataset"]] = load_dataset(s["dataset"])
@@ -99,8 +103,12 @@ def run_cell(job: tuple) -> dict:
     fed = Federation(parse_config(config(partition, attack, defense, s, threshold)), dataset=_DS[s["dataset"]])
     asr, acc = [], []
     fed.run(on_round=lambda r: (asr.append(r.metrics.get("asr")), acc.append(r.metrics.get("accuracy"))))
-    return {"partition": partition, "attack": attack, "defense": defense, "asr": asr, "acc": acc,
-            "seconds": time.perf_counter() - t0}
+    out = {"partition": partition, "attack": attack, "defense": defense, "asr": asr, "acc": acc}
+    if attack == "clean":  # how often the clean model already sends the semantic subset to its target
+        sem = POISONS.build("semantic", **semantic_params(s, threshold))
+        out["semantic_base"] = sem.metrics(fed.model, fed.params, fed.data)["asr"]
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 def summary(cell: dict, s: dict) -> tuple[float, float]:
@@ -185,8 +193,9 @@ def main() -> None:
     print(f"Attack setting (same for every defense): poisoned fraction {FRACTION} of each attacker batch, "
           f"target class {TARGET}, active rounds {s['start']}..{s['rounds'] - 1};\n"
           f"  pixel trigger: {s['trigger']['size']}x{s['trigger']['size']} white square at {s['trigger']['position']};"
-          f" DBA: {s['dba']['parts']} bars of {s['dba']['size']} px; semantic: class {SOURCE} images with mean "
-          f"intensity >= {threshold} -> class {SEM_TARGET} (upsampled to 25% of a batch);\n"
+          f" DBA: {s['dba']['parts']} bars of {s['dba']['size']}x"
+          f"{s['dba']['thickness']} px, attacker j stamps bar j; semantic: class {SOURCE} images with mean "
+          f"intensity >= {threshold} (brightest 10%) -> class {SEM_TARGET}, upsampled to {FRACTION} of a batch;\n"
           f"  model replacement: single shot in round {s['fire']}, gamma = n / " + ("(m * server_lr)" if s["share"] else "server_lr") + " = "
           f"{s['clients'] / (s['byzantine'] if s['share'] else 1):g}, with the pixel trigger; constrain+scale: scaled onto the clip "
           f"bound {s['clip']}; neurotoxin: bottom 95% coordinates.\n"
@@ -210,7 +219,10 @@ def main() -> None:
     head = {}
     for p in args.partitions:
         clean_acc = summary(cells[(p, "clean", "fedavg")], s)[1] if (p, "clean", "fedavg") in cells else None
-        print(f"\n[{p}] clean FedAvg accuracy: " + (f"{clean_acc * 100:.1f}%" if clean_acc is not None else "n/a"))
+        base = cells.get((p, "clean", "fedavg"), {}).get("semantic_base")
+        print(f"\n[{p}] clean FedAvg accuracy: " + (f"{clean_acc * 100:.1f}%" if clean_acc is not None else "n/a")
+              + (f"; the clean model already sends {base * 100:.1f}% of the semantic subset to class {SEM_TARGET}"
+                 if base is not None else ""))
         print(f"{'attack':<20}" + "".join(f"{DLABELS[d]:>{width}}" for d in args.defenses))
         for a in attacks:
             row = f"{LABELS[a]:<20}"

@@ -122,6 +122,7 @@ def test_audit_rule_follows_the_stages():
                       10) == [["clip", 2.0], ["clip", 2.0], ["noise", 3.0, "gaussian"]]
     assert audit_rule(["mean", {"weak_dp": {"sigma": 0.01}}], 20) == [["noise", 0.2, "gaussian"]]
     assert audit_rule([{"prune": {"ratio": 0.9}}, "median"], 10) == [["prune", 0.9]]
+    assert audit_rule(["mean"], 10, dp_sgd=(1.5, 2.0)) == [["clip", 2.0], ["noise", 3.0, "gaussian"]]
 
 
 def test_cli_bench_and_errors(tmp_path):

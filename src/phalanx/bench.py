@@ -293,8 +293,6 @@ def run_cell(key: str, config: dict, db: str, notify: Callable | None = None) ->
     t0, fed = time.perf_counter(), None
     try:
         fed = Federation(parse_config(config))
-        fed.hooks.evaluators.append(_drift_probe(fed))
-        fed.hooks.evaluators.append(_reputation_probe(fed))
         final = fed.run(store, cell=key, on_round=(lambda res: notify(key)) if notify else None)
         return {"key": key, "status": "done", "final": final, "seconds": time.perf_counter() - t0}
     except Exception as e:  # one failed cell is recorded and the grid goes on
@@ -302,28 +300,6 @@ def run_cell(key: str, config: dict, db: str, notify: Callable | None = None) ->
         if fed is not None and getattr(fed, "run_id", None):
             store.finish_run(fed.run_id, {"error": msg}, status="failed")
         return {"key": key, "status": "failed", "error": msg, "seconds": time.perf_counter() - t0}
-
-
-def _drift_probe(fed) -> Callable:
-    """Round metric ``drift``: L2 distance of the global model from the previous evaluation."""
-    prev = {"p": fed.params.clone()}
-
-    def probe(params):
-        d = float((params.double() - prev["p"].double()).norm())
-        prev["p"] = params.clone()
-        return {"drift": d}
-
-    return probe
-
-
-def _reputation_probe(fed) -> Callable:
-    """Round metric ``reputation``: {client id: score} from the pipeline's reputation layers."""
-    layers = [s for s in getattr(fed.defense, "layers", []) if hasattr(s, "scores") and s.name == "reputation"]
-
-    def probe(params):
-        return {"reputation": dict(layers[0].scores)} if layers else {}
-
-    return probe
 
 
 @dataclass

@@ -135,21 +135,18 @@ def show(db: Path = typer.Argument(..., help="SQLite results store")):
     console.print(t)
 
 
-def _mount_optional() -> None:
-    """Attach sub-commands that live in their own modules."""
-    try:
-        from .keys_cli import app as keys_app
-        app.add_typer(keys_app, name="keys", help="Client key management (ECDSA P-256).")
-    except ModuleNotFoundError:
-        pass
-    try:
-        from .invert_cli import app as invert_app
-        app.add_typer(invert_app, name="invert")
-    except ModuleNotFoundError:
-        pass
+def _mount_subcommands() -> None:
+    """Attach the sub-commands that live in their own modules."""
+    from .bench_cli import register as register_bench
+    from .invert_cli import app as invert_app
+    from .keys_cli import app as keys_app
+
+    app.add_typer(keys_app, name="keys", help="Client key management (ECDSA P-256).")
+    app.add_typer(invert_app, name="invert")
+    register_bench(app)
 
 
-_mount_optional()
+_mount_subcommands()
 
 
 def main() -> None:

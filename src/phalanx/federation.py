@@ -313,11 +313,13 @@ class Federation:
         rolled_back = False
         if snapshot is not None:
             g, report, rolled_back = self.recover(U, w, ctx, g, report, snapshot)
-        self.params = self.params + self.cfg.federation.server_lr * g.to(self.params.dtype)
+        step = self.cfg.federation.server_lr * g.to(self.params.dtype)
+        self.params = self.params + step
         discarded = report.discarded()
         metrics: dict[str, Any] = {"train_loss": float(np.nanmean(losses)) if not all(np.isnan(losses)) else None, "agg_seconds": agg_seconds,
                                    "rejected": int(discarded.sum()), "attacking": bool(attacking and mal.any()),
-                                   "rolled_back": rolled_back, **detection(discarded, mal)}
+                                   "rolled_back": rolled_back, "drift": float(step.double().norm()),
+                                   **detection(discarded, mal)}
         if self.signers:
             metrics["sign_seconds"] = sign_seconds
         if self.cfg.federation.dp_sgd is not None:

@@ -168,7 +168,7 @@ def _first_run(res: Results, scenario, attack: str, defense: str):
 
 
 def reputation(res: Results, store: Store, scenario, cache: dict) -> Figure:
-    """Mean reputation of honest and of malicious clients per round (client rows' extra, else round metrics)."""
+    """Mean reputation of honest and of malicious clients per round (the client rows' reputation_score)."""
     title = "Reputation over rounds"
     cap = (f"Mean reputation of honest (blue) and malicious (red) clients per round, first seed "
            f"({_scen(scenario)}); one panel per defense that keeps a reputation and per attack.")
@@ -181,19 +181,13 @@ def reputation(res: Results, store: Store, scenario, cache: dict) -> Figure:
             rows = _client_rows(store, run.run_id, cache)
             bad = {c["client_id"] for c in rows if c["malicious"]}
             per = {}  # round -> {client: score}
-            if any("reputation" in c for c in rows):
-                for c in rows:
-                    if c.get("reputation") is not None:
-                        per.setdefault(c["round"], {})[c["client_id"]] = c["reputation"]
-            else:
-                for i, m in enumerate(run.rounds):
-                    if isinstance(m.get("reputation"), dict) and m["reputation"]:
-                        per[i] = m["reputation"]
+            for c in rows:  # what the reputation layer held that round
+                if c.get("reputation_score") is not None:
+                    per.setdefault(c["round"], {})[c["client_id"]] = c["reputation_score"]
             if per:
                 panels.append((d, a, per, bad))
     if not panels:
-        return Figure("reputation", title, cap, note="no run stored reputation scores (no reputation layer in "
-                                                     "the grid, or the runs predate reputation logging)")
+        return Figure("reputation", title, cap, note="no run stored reputation scores (no reputation layer in the grid)")
     fig, axes = _panels(len(panels[:12]))
     for ax, (d, a, per, bad) in zip(axes, panels[:12]):
         xs = sorted(per)
