@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .bench_privacy import plan_privacy, run_probe, store_probe
-from .config import DefenseItem, apply_overrides, parse_config
+from .config import DefenseItem, apply_overrides, parse_config, read_yaml
 from .errors import ConfigError, PhalanxError
 from .store import Store
 
@@ -165,16 +164,7 @@ def parse_grid(data: Any, name: str | None = None) -> GridSpec:
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
     """Read a grid YAML file and apply ``--set key.sub=value`` overrides."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"grid file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
-    return parse_grid(apply_overrides(data, overrides or []), name=p.stem)
+    return parse_grid(apply_overrides(read_yaml(path, "grid"), overrides or []), name=Path(path).stem)
 
 
 # ---------------------------------------------------------------- expansion
