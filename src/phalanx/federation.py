@@ -188,17 +188,20 @@ class Federation:
         self.dp_noise = dp.noise_multiplier
         if dp.target_epsilon is not None:
             share = (fed.clients_per_round or fed.num_clients) / fed.num_clients
-            plans = {(min(1.0, fed.batch_size / len(p)), fed.local_epochs * -(-len(p) // fed.batch_size))
-                     for p in self.parts}
+            plans = {(self.dp_rate(len(p)), fed.local_epochs * -(-len(p) // fed.batch_size)) for p in self.parts}
             self.dp_noise = max(noise_for_epsilon(dp.target_epsilon, q, max(1, round(steps * fed.rounds * share)),
                                                   dp.delta) for q, steps in plans)
+
+    def dp_rate(self, n: int) -> float:
+        """Opacus' Poisson sampling rate for a client of n samples: 1 / (batches per epoch)."""
+        return 1.0 / -(-n // min(self.cfg.federation.batch_size, n))
 
     def dp_epsilon(self) -> float:
         """The largest epsilon any honest client has spent so far (RDP accountant)."""
         from .defenses.privacy import dp_epsilon
 
-        dp, B = self.cfg.federation.dp_sgd, self.cfg.federation.batch_size
-        eps = [dp_epsilon(self.dp_noise, min(1.0, B / len(self.parts[c])), steps, dp.delta)
+        dp = self.cfg.federation.dp_sgd
+        eps = [dp_epsilon(self.dp_noise, self.dp_rate(len(self.parts[c])), steps, dp.delta)
                for c, steps in self.dp_steps.items() if steps]
         return max(eps, default=0.0)
 
