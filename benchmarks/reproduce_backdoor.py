@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import sys
 import time
 from pathlib import Path
 
@@ -204,14 +205,19 @@ def main() -> None:
           f"model replacement: the round it fires; accuracy: mean of the last {ACC_LAST} rounds).", flush=True)
     t0 = time.perf_counter()
     cells: dict = {}
+
+    def done(c: dict) -> None:
+        cells[(c["partition"], c["attack"], c["defense"])] = c
+        print(f"  [{len(cells)}/{len(jobs)}] {c['partition']} {c['attack']} {c['defense']}: {c['seconds']:.0f} s",
+              file=sys.stderr, flush=True)
+
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             for c in pool.imap_unordered(run_cell, jobs):
-                cells[(c["partition"], c["attack"], c["defense"])] = c
+                done(c)
     else:
         for job in jobs:
-            c = run_cell(job)
-            cells[(c["partition"], c["attack"], c["defense"])] = c
+            done(run_cell(job))
     wall = time.perf_counter() - t0
 
     width = 15
