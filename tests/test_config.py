@@ -56,6 +56,8 @@ def test_clients_per_round_bound(tiny_config):
 def test_shipped_configs_parse():
     from pathlib import Path
 
-    for path in sorted(Path(__file__).parent.parent.glob("configs/*.yaml")):
-        if "grid" not in path.name:
-            load_config(path)
+    paths = [p for p in sorted(Path(__file__).parent.parent.glob("configs/*.yaml")) if "grid" not in p.name]
+    assert len(paths) >= 2
+    for path in paths:
+        cfg = load_config(path)  # raises ConfigError on any mistake
+        assert cfg.name and cfg.defense

@@ -1,7 +1,8 @@
 import torch
 
 from phalanx.config import parse_config
-from phalanx.federation import Federation, build_defense
+from phalanx.defenses.pipeline import build_defense
+from phalanx.federation import Federation
 from phalanx.errors import ConfigError
 
 import pytest

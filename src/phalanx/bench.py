@@ -231,7 +231,7 @@ def expand(spec: GridSpec) -> list[Cell]:
 
 def _check_buildable(cells: list[Cell]) -> None:
     """Build each distinct attack and defense once, so a bad parameter fails before any cell runs."""
-    from .federation import build_defense
+    from .defenses.pipeline import build_defense
     from .registry import ATTACKS
 
     done: set[str] = set()

@@ -22,54 +22,17 @@ import torch
 
 from .attacks.base import Attack
 from .checkpoint import load_checkpoint, restore, save_checkpoint
-from .config import ExperimentConfig, defense_item
+from .config import ExperimentConfig
 from .context import AttackContext, RoundContext
 from .data import Dataset, load_dataset, partition
-from .defenses.base import Aggregator, Layer, Post
-from .defenses.pipeline import Pipeline
+from .defenses.pipeline import build_defense
 from .defenses.validate import robust_z
 from .errors import ConfigError
 from .metrics import client_stats, detection
 from .models import build_model
-from .registry import ATTACKS, DEFENSES, POISONS
+from .registry import ATTACKS, POISONS
 from .training import LocalSpec, evaluate, local_update, vectorized_updates
 from .updates import flatten_params, load_flat
-
-
-def build_defense(items: list, f: int = 0, **inject: Any) -> Pipeline:
-    """A Pipeline from config entries: layers first, exactly one aggregator, then post steps.
-
-    A layer marked ``anywhere`` (reputation) may also be listed after the aggregator; it still
-    runs before it and learns from its output.
-
-    ``f`` (the configured Byzantine count) is passed to every stage that takes an ``f``
-    parameter and was not given one: the usual assumption that the server knows f. Other
-    ``inject`` values (the simulator's key registry and run id) are passed the same way.
-    """
-    layers, aggs, posts = [], [], []
-    for item in items:
-        name, params = defense_item(item)
-        sig = inspect.signature(DEFENSES.get(name)).parameters
-        for key, value in {"f": f, **inject}.items():
-            if key in sig and key not in params:
-                params[key] = value
-        stage = DEFENSES.build(name, **params)
-        if isinstance(stage, Aggregator):
-            if posts:
-                raise ConfigError(f"defense: aggregator {name!r} must come before the post steps")
-            aggs.append(stage)
-        elif isinstance(stage, Layer):
-            if aggs and not getattr(stage, "anywhere", False):
-                raise ConfigError(f"defense: layer {name!r} must come before the aggregator")
-            layers.append(stage)
-        elif isinstance(stage, Post):
-            posts.append(stage)
-        else:
-            raise ConfigError(f"defense: {name!r} built a {type(stage).__name__}, not a stage")
-    if len(aggs) != 1:
-        got = ", ".join(a.name for a in aggs) or "none"
-        raise ConfigError(f"defense: needs exactly one aggregator, got {len(aggs)} ({got})")
-    return Pipeline(layers, aggs[0], posts)
 
 
 def _build_with_classes(registry, name: str, params: dict, num_classes: int):

@@ -8,7 +8,7 @@ import phalanx.defenses  # noqa: F401  (registers the defenses)
 from phalanx.context import simple_round_context
 from phalanx.defenses.base import Post
 from phalanx.errors import PhalanxError
-from phalanx.federation import build_defense
+from phalanx.defenses.pipeline import build_defense
 from phalanx.registry import DEFENSES
 
 
