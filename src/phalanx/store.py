@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS runs_cell ON runs(cell);
 """
 
-PACKAGES = ("phalanx", "torch", "numpy", "pydantic", "cryptography", "opacus", "scikit-learn")
+PACKAGES = ("phalanx", "torch", "numpy", "pydantic", "cryptography", "opacus", "scikit-learn", "flwr")
 
 
 def package_versions() -> dict[str, str]:
