@@ -145,3 +145,18 @@ def test_reputation_state_round_trip_and_unknown_prior():
     assert other.score("never-seen") == other.prior
     with pytest.raises(PhalanxError, match="release must be >= threshold"):
         Reputation(threshold=0.5, release=0.4)
+
+
+def test_reputation_can_quarantine_without_reweighting():
+    from phalanx.registry import DEFENSES
+
+    U = honest(4)
+    rep = DEFENSES.build("reputation", weight_by_reputation=False)
+    rep.scores = {"c0": 0.9, "c1": 0.4}
+    rep.quarantined = {"c2"}
+    _, w, report = rep(U, torch.full((4,), 2.0), simple_round_context(U))
+    assert w.tolist() == [2.0, 2.0, 0.0, 2.0] and report.reasons == {2: "quarantined"}
+    weighted = DEFENSES.build("reputation")
+    weighted.scores = dict(rep.scores)
+    _, w2, _ = weighted(U, torch.full((4,), 2.0), simple_round_context(U))
+    assert w2[0] == pytest.approx(1.8) and w2[1] == pytest.approx(0.8)

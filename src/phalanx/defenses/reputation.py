@@ -114,6 +114,6 @@ class Reputation(Layer):
 
 @DEFENSES.register("reputation")
 def reputation(decay: float = 0.7, prior: float = 0.6, threshold: float = 0.3, release: float = 0.5,
-               z_tolerance: float = 3.0, use_validation: bool = True) -> Reputation:
+               z_tolerance: float = 3.0, use_validation: bool = True, weight_by_reputation: bool = True) -> Reputation:
     """Time-decay reputation (cosine agreement, norm z-score, validation loss) with quarantine."""
-    return Reputation(decay, prior, threshold, release, z_tolerance, use_validation)
+    return Reputation(decay, prior, threshold, release, z_tolerance, use_validation, weight_by_reputation)
