@@ -11,8 +11,8 @@ IPM hurt Krum and the median far more than sign flipping does; centered clipping
 rules hold up best; no defense is best everywhere. ALIE and IPM run their "optimal" variants
 (z and epsilon searched each round against the server's real pipeline, as ByzFL's benchmark
 does): the paper's fixed z = 0.47 for n = 25, f = 5 is too timid to hurt Krum. Centered clipping
-uses tau = 0.5, the scale of these model updates: at its default tau = 10 it never clips them and
-behaves like the mean (IPM then drives it to 0% accuracy).
+uses its default tau = "auto" (the median distance to the center): a fixed tau = 10, the old
+default, never clips updates of this scale and behaves like the mean (IPM drove it to 0%).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ DEFENSES = {
     "multi_krum": ["multi_krum"],
     "bulyan": ["bulyan"],
     "geomed": ["geomed"],
-    "cclip": [{"centered_clipping": {"tau": 0.5}}],
+    "cclip": ["centered_clipping"],
     "dnc": ["dnc"],
     "fltrust": ["fltrust"],
     "signguard": ["signguard"],
@@ -57,8 +57,8 @@ DEFENSES = {
     "nnm+krum": ["nnm", "krum"],
     "nnm+median": ["nnm", "median"],
     "nnm+trmean": ["nnm", "trimmed_mean"],
-    "nnm+cclip": ["nnm", {"centered_clipping": {"tau": 0.5}}],
-    "bucketing+cclip": [{"bucketing": {"s": 2, "aggregator": "centered_clipping", "tau": 0.5}}],
+    "nnm+cclip": ["nnm", "centered_clipping"],
+    "bucketing+cclip": [{"bucketing": {"s": 2, "aggregator": "centered_clipping"}}],
 }
 
 _DATA = None

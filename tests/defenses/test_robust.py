@@ -355,3 +355,18 @@ def test_median_tolerates_a_minority_of_nan_rows():
     g, _ = run("median", U)
     assert bool(torch.isfinite(g).all())
     assert bool(((g >= H.min(0).values) & (g <= H.max(0).values)).all())
+
+
+def test_centered_clipping_auto_tau_is_the_median_distance():
+    g = torch.Generator().manual_seed(3)
+    U = torch.randn(9, 20, generator=g)
+    U[:2] = 1e6  # far outliers
+    auto = DEFENSES.build("centered_clipping", tau="auto", iterations=1)
+    out, rep = auto(U, torch.ones(9), simple_round_context(U))
+    med = float(U.double().norm(dim=1).median())  # the first center is 0
+    fixed = DEFENSES.build("centered_clipping", tau=med, iterations=1)
+    ref, _ = fixed(U, torch.ones(9), simple_round_context(U))
+    assert rep.info["tau"] == pytest.approx(med) and torch.allclose(out, ref)
+    assert float(out.norm()) <= med + 1e-4  # the outliers moved it by at most tau
+    with pytest.raises(PhalanxError, match="tau"):
+        DEFENSES.build("centered_clipping", tau="median")

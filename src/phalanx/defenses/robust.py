@@ -315,12 +315,14 @@ class CenteredClipping(Aggregator):
     """Centered clipping (Karimireddy et al. 2021): from the previous aggregate v (0 at first),
     repeat v <- v + mean_i clip_tau(U_i - v), clip_tau(x) = x min(1, tau / |x|). Stateful: the
     center is kept across rounds (``state_dict`` / ``load_state_dict``). Report scores are each
-    row's distance to the starting center."""
+    row's distance to the starting center. ``tau="auto"`` sets tau at every iteration to the median
+    distance of the rows to the current center, so it follows the scale of the updates (our choice:
+    the paper tunes a fixed tau)."""
 
     name = "centered_clipping"
 
-    def __init__(self, tau: float, iterations: int):
-        self.tau = check_positive(self.name, "tau", tau)
+    def __init__(self, tau: float | str, iterations: int):
+        self.tau = tau if tau == "auto" else check_positive(self.name, "tau", tau)
         self.iterations = check_int(self.name, "iterations", iterations)
         self.center: torch.Tensor | None = None
 
@@ -339,14 +341,14 @@ class CenteredClipping(Aggregator):
         for _ in range(self.iterations):
             dist = row_sq_dists(Ua, v).sqrt()
             first = dist if first is None else first
-            scale = torch.where(dist > self.tau, self.tau / dist.clamp_min(1e-300),
-                                torch.ones_like(dist))
-            clipped = int((dist > self.tau).sum())
+            tau = float(dist.median()) if self.tau == "auto" else self.tau
+            scale = torch.where(dist > tau, tau / dist.clamp_min(1e-300), torch.ones_like(dist))
+            clipped = int((dist > tau).sum())
             # v + mean_i s_i (U_i - v) = (1 - mean(s)) v + mean_i s_i U_i
             v = (1.0 - float(scale.mean())) * v + combine(scale / n, Ua)
         g = finite_or_raise(self.name, v)
         self.center = g.detach().clone()
-        return g, make_report(self.name, U.shape[0], idx, first, tau=self.tau,
+        return g, make_report(self.name, U.shape[0], idx, first, tau=tau,
                               iterations=self.iterations, clipped=clipped)
 
     def state_dict(self) -> dict[str, Any]:
@@ -412,7 +414,8 @@ def geomed(f: int = 0, iterations: int = 100, nu: float = 1e-6, tol: float = 1e-
 
 
 @DEFENSES.register("centered_clipping")
-def centered_clipping(f: int = 0, tau: float = 10.0, iterations: int = 5) -> Aggregator:
-    """Centered clipping around the previous aggregate (Karimireddy et al. 2021). f is not used."""
+def centered_clipping(f: int = 0, tau: float | str = "auto", iterations: int = 5) -> Aggregator:
+    """Centered clipping around the previous aggregate (Karimireddy et al. 2021); tau a number or
+    'auto' (the median distance to the center). f is not used."""
     check_nonneg_int("centered_clipping", "f", f)
     return CenteredClipping(tau, iterations)
