@@ -46,16 +46,16 @@ def test_alie_z_by_hand():
         alie_z(10, 6)
 
 
-def test_alie_rows_are_mean_minus_z_std():
+def test_alie_rows_are_mean_plus_z_std():
     honest = torch.tensor([[1.0, 2.0], [3.0, 2.0], [5.0, 8.0]])  # mean (3, 4), std (2, sqrt(12))
     own = torch.zeros(2, 2)
     out = ATTACKS.build("alie")(honest, make_ctx(own, n=50))  # f = 2: s = 24, z = Phi^-1(26/50)
     z = NormalDist().inv_cdf(26 / 50)
-    expected = torch.tensor([3.0 - 2.0 * z, 4.0 - math.sqrt(12.0) * z])
+    expected = torch.tensor([3.0 + 2.0 * z, 4.0 + math.sqrt(12.0) * z])
     assert out.shape == (2, 2) and out.dtype == torch.float32
     assert torch.allclose(out, expected.expand(2, 2), atol=1e-6)
     fixed = ATTACKS.build("alie", z=1.5)(honest, make_ctx(own, n=50))
-    assert torch.allclose(fixed[0], torch.tensor([0.0, 4.0 - 1.5 * math.sqrt(12.0)]), atol=1e-6)
+    assert torch.allclose(fixed[0], torch.tensor([6.0, 4.0 + 1.5 * math.sqrt(12.0)]), atol=1e-6)
 
 
 def test_ipm_is_minus_epsilon_mean():
@@ -234,3 +234,24 @@ def test_server_from_context_is_used_and_its_state_kept():
     alie = ATTACKS.build("alie", variant="optimal", steps=5)
     alie(honest, make_ctx(own, n=13, aggregator=cc))
     assert torch.equal(cc.state_dict()["center"], center)  # simulations left the server as it was
+
+
+def test_search_every_reuses_the_searched_value_between_searches():
+    from phalanx.registry import DEFENSES
+
+    honest, own, _ = synthetic(h=10, m=3, d=50)
+    calls = []
+
+    class CountingMean:
+        def __call__(self, U, w, ctx):
+            calls.append(1)
+            return DEFENSES.build("mean")(U, w, ctx)
+
+    ipm = ATTACKS.build("ipm", variant="optimal", eps_max=4.0, steps=9, search_every=3)
+    agg = CountingMean()
+    for r in range(6):
+        ipm(honest, make_ctx(own, n=13, round=r, aggregator=agg))
+        assert ipm.last["epsilon"] == 4.0
+    assert len(calls) == 2 * 9  # searched at rounds 0 and 3 only
+    with pytest.raises(PhalanxError, match="search_every"):
+        ATTACKS.build("alie", variant="optimal", search_every=0)
