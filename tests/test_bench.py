@@ -67,6 +67,20 @@ def test_a_crashed_cell_is_recorded_and_rerun(tmp_path, counter):
     assert (out.ran, out.skipped, out.failed) == (1, 1, []) and counter["n"] == 3
 
 
+def test_sigterm_interrupts_the_grid_like_ctrl_c(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    def killed(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(federation.Federation, "run", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    out = run_grid(parse_grid(TINY), tmp_path / "g.db", workers=1)
+    assert out.interrupted and out.ran == 0
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back afterwards
+
+
 def test_a_spawned_worker_matches_in_process(tmp_path):
     spec = parse_grid(TINY)
     run_grid(spec, tmp_path / "a.db", workers=1)

@@ -341,6 +341,7 @@ def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: 
     if progress:
         progress.start(todo, len(probes))
     pdict = spec.privacy.model_dump() if spec.privacy else {}
+    restore = _sigterm_interrupts()
     try:
         if workers <= 1:
             _init_worker()
@@ -353,11 +354,28 @@ def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: 
     except KeyboardInterrupt:
         out.interrupted = True
     finally:
+        restore()
         if str(db) in _STORES:  # the in-process worker's connection
             _STORES.pop(str(db)).close()
     out.seconds = time.perf_counter() - t0
     store.close()
     return out
+
+
+def _sigterm_interrupts() -> Callable[[], None]:
+    """Treat SIGTERM like Ctrl-C while a grid runs, so ``kill`` stops the workers too instead of
+    leaving them orphaned. Returns the function that puts the previous handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _advancer(progress) -> Callable | None:
