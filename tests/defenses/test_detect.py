@@ -232,3 +232,20 @@ def test_zero_weight_rows_are_ignored(name):
     g2, _ = DEFENSES.build(name, **params)(H[w > 0], torch.ones(8), simple_round_context(H[w > 0], **kw))
     assert torch.allclose(g1, g2, atol=1e-6)
     assert not rep.selected[[0, 5]].any() and rep.n == 10
+
+
+def test_sign_filter_layer_drops_the_odd_sign_rows_and_keeps_the_matrix():
+    H, base = honest_and_base(n=16, d=400)
+    H = H - base + base.abs()
+    U = torch.cat([-H[:3], H])  # 3 sign-flipped rows
+    layer = DEFENSES.build("sign_filter", coords=0.5)
+    U2, w, rep = layer(U, torch.ones(19), simple_round_context(U))
+    assert torch.equal(U2, U)
+    assert {i for i, why in rep.reasons.items() if why == "sign_cluster"} == {0, 1, 2}
+    assert w[:3].eq(0).all() and w[3:].eq(1).all() and not rep.info["inconclusive"]
+    # more odd rows than the f the server assumes: the filter decides nothing
+    capped = DEFENSES.build("sign_filter", coords=0.5, f=2)
+    _, w, rep = capped(U, torch.ones(19), simple_round_context(U))
+    assert w.eq(1).all() and rep.reasons == {} and rep.info["inconclusive"]
+    with pytest.raises(PhalanxError, match="sign_filter: min_keep"):
+        DEFENSES.build("sign_filter", min_keep=2)

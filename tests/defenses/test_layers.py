@@ -160,3 +160,27 @@ def test_reputation_can_quarantine_without_reweighting():
     weighted.scores = dict(rep.scores)
     _, w2, _ = weighted(U, torch.full((4,), 2.0), simple_round_context(U))
     assert w2[0] == pytest.approx(1.8) and w2[1] == pytest.approx(0.8)
+
+
+def test_reputation_quarantines_at_most_f_clients_the_lowest_scored():
+    U = honest(10)
+    rep = Reputation(use_validation=False, f=2)
+    pipe = Pipeline([rep], Mean())
+    for r in range(6):
+        U = honest(10, seed=r)
+        U[:4] = -U[:4]  # four sign-flippers, but the server assumes at most two
+        U[0] *= 3.0  # rows 0 and 1 are the farthest from the aggregate
+        U[1] = -U[1].abs() * 2
+        pipe(U, torch.ones(10), simple_round_context(U, round=r))
+    assert len(rep.quarantined) == 2
+    lowest = sorted(rep.scores, key=rep.scores.get)[:2]
+    assert rep.quarantined == set(lowest)
+    unbounded = Reputation(use_validation=False)
+    pipe = Pipeline([unbounded], Mean())
+    for r in range(6):
+        U = honest(10, seed=r)
+        U[:4] = -U[:4]
+        pipe(U, torch.ones(10), simple_round_context(U, round=r))
+    assert len(unbounded.quarantined) == 4
+    with pytest.raises(PhalanxError, match="reputation: f must be"):
+        Reputation(f=-1)

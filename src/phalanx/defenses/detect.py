@@ -1,4 +1,5 @@
-"""Detection-style aggregators: FLTrust, SignGuard, FoolsGold and FLAME.
+"""Detection-style aggregators: FLTrust, SignGuard, FoolsGold and FLAME; and SignGuard's sign
+filter as a layer (``sign_filter``) to put in front of another aggregator.
 
 Each scores or clusters the rows, keeps the ones it trusts and averages them. ``f`` is accepted
 by every factory (so a grid can pass it to every defense) but none of these rules needs it.
@@ -15,7 +16,7 @@ from ..context import RoundContext
 from ..errors import PhalanxError
 from ..registry import DEFENSES
 from ..updates import cosine_matrix
-from .base import Aggregator, check_nonneg_int, check_positive
+from .base import Aggregator, Layer, Report, check_nonneg_int, check_positive
 from .robust import combine, finite_or_raise, make_report, prepare, row_norms
 
 
@@ -57,6 +58,47 @@ class FLTrust(Aggregator):
             all_untrusted=total == 0)
 
 
+def _check_sign_params(name: str, coords, clustering: str) -> float:
+    if not isinstance(coords, (int, float)) or isinstance(coords, bool) or not 0 < coords <= 1:
+        raise PhalanxError(f"{name}: coords must be a fraction in (0, 1], got {coords!r}")
+    if clustering not in ("meanshift", "kmeans"):
+        raise PhalanxError(f"{name}: clustering must be 'meanshift' or 'kmeans', got {clustering!r}")
+    return float(coords)
+
+
+def sign_statistics(U: torch.Tensor, coords: float, generator: torch.Generator) -> tuple[np.ndarray, int]:
+    """Each row's fractions of positive, zero and negative values on a random ``coords`` fraction
+    of the coordinates (SignGuard's features), and the number of coordinates sampled."""
+    d = U.shape[1]
+    k = max(1, int(round(coords * d)))
+    cols = torch.randperm(d, generator=generator)[:k].sort().values
+    sub = U[:, cols.to(U.device)]
+    feats = torch.stack([(sub > 0).double().mean(1), (sub == 0).double().mean(1),
+                         (sub < 0).double().mean(1)], 1).cpu().numpy()
+    return feats, k
+
+
+def largest_cluster(feats: np.ndarray, clustering: str, seed: int) -> np.ndarray:
+    """Mask of the rows in the largest cluster of ``feats`` (MeanShift or 2-means); all rows when
+    there is nothing to separate."""
+    from sklearn.cluster import KMeans, MeanShift, estimate_bandwidth
+
+    n = feats.shape[0]
+    if n < 3 or np.ptp(feats, axis=0).max() == 0:
+        return np.ones(n, dtype=bool)
+    if clustering == "kmeans":
+        labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(feats).labels_
+    else:
+        bw = estimate_bandwidth(feats, quantile=0.5)
+        if not bw > 0:
+            return np.ones(n, dtype=bool)
+        labels = MeanShift(bandwidth=bw, bin_seeding=True, cluster_all=False).fit(feats).labels_
+    valid = labels[labels >= 0]
+    if valid.size == 0:
+        return np.ones(n, dtype=bool)
+    return labels == np.bincount(valid).argmax()
+
+
 class SignGuard(Aggregator):
     """SignGuard (Xu et al. 2022). Norm filter: keep rows with lower <= |U_i| / median|U| <= upper.
     Sign filter: on a random ``coords`` fraction of coordinates (``ctx.generator``), each row's
@@ -72,29 +114,7 @@ class SignGuard(Aggregator):
         self.upper = check_positive(self.name, "upper", upper)
         if self.upper <= self.lower:
             raise PhalanxError(f"signguard: upper must be > lower, got lower={lower}, upper={upper}")
-        if not isinstance(coords, (int, float)) or isinstance(coords, bool) or not 0 < coords <= 1:
-            raise PhalanxError(f"signguard: coords must be a fraction in (0, 1], got {coords!r}")
-        if clustering not in ("meanshift", "kmeans"):
-            raise PhalanxError(f"signguard: clustering must be 'meanshift' or 'kmeans', got {clustering!r}")
-        self.coords, self.clustering = float(coords), clustering
-
-    def _largest_cluster(self, feats: np.ndarray, seed: int) -> np.ndarray:
-        from sklearn.cluster import KMeans, MeanShift, estimate_bandwidth
-
-        n = feats.shape[0]
-        if n < 3 or np.ptp(feats, axis=0).max() == 0:
-            return np.ones(n, dtype=bool)
-        if self.clustering == "kmeans":
-            labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(feats).labels_
-        else:
-            bw = estimate_bandwidth(feats, quantile=0.5)
-            if not bw > 0:
-                return np.ones(n, dtype=bool)
-            labels = MeanShift(bandwidth=bw, bin_seeding=True, cluster_all=False).fit(feats).labels_
-        valid = labels[labels >= 0]
-        if valid.size == 0:
-            return np.ones(n, dtype=bool)
-        return labels == np.bincount(valid).argmax()
+        self.coords, self.clustering = _check_sign_params(self.name, coords, clustering), clustering
 
     def __call__(self, U, w, ctx: RoundContext):
         Ua, _, idx = prepare(self.name, U, w)
@@ -103,13 +123,9 @@ class SignGuard(Aggregator):
         med = _median(norms)
         ratio = norms / med if med > 0 else torch.ones(n, dtype=torch.float64, device=norms.device)
         norm_ok = ((ratio >= self.lower) & (ratio <= self.upper)).cpu()
-        k = max(1, int(round(self.coords * d)))
-        cols = torch.randperm(d, generator=ctx.generator)[:k].sort().values
-        sub = Ua[:, cols.to(Ua.device)]
-        feats = torch.stack([(sub > 0).double().mean(1), (sub == 0).double().mean(1),
-                             (sub < 0).double().mean(1)], 1).cpu().numpy()
+        feats, k = sign_statistics(Ua, self.coords, ctx.generator)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-        sign_ok = torch.from_numpy(self._largest_cluster(feats, seed))
+        sign_ok = torch.from_numpy(largest_cluster(feats, self.clustering, seed))
         keep = norm_ok & sign_ok
         fallback = not bool(keep.any())
         if fallback:
@@ -129,6 +145,47 @@ class SignGuard(Aggregator):
     def __repr__(self):
         return (f"SignGuard(lower={self.lower}, upper={self.upper}, coords={self.coords}, "
                 f"clustering={self.clustering!r})")
+
+
+class SignFilter(Layer):
+    """SignGuard's sign-statistics filter as a layer (Xu et al. 2022), to put in front of any
+    aggregator: rows outside the largest cluster of sign statistics get weight 0 (reason
+    ``sign_cluster``). Under an honest majority the honest rows form the largest cluster, so when
+    that cluster holds fewer than ``min_keep`` of the rows, or leaves out more than ``f`` rows
+    (when f > 0; a pipeline passes the server's f), the filter rejects nothing
+    (``info['inconclusive']``) rather than leave the aggregator too few rows for its bound."""
+
+    name = "sign_filter"
+
+    def __init__(self, coords: float, clustering: str, min_keep: float, f: int):
+        self.f = check_nonneg_int(self.name, "f", f)
+        self.coords, self.clustering = _check_sign_params(self.name, coords, clustering), clustering
+        if not isinstance(min_keep, (int, float)) or isinstance(min_keep, bool) or not 0 <= min_keep <= 1:
+            raise PhalanxError(f"sign_filter: min_keep must be a fraction in [0, 1], got {min_keep!r}")
+        self.min_keep = float(min_keep)
+
+    def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
+        n = U.shape[0]
+        report = Report(self.name, n=n)
+        live = torch.nonzero((w > 0) & torch.isfinite(U).all(1)).flatten()
+        feats, k = sign_statistics(U[live], self.coords, ctx.generator)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+        keep = torch.from_numpy(largest_cluster(feats, self.clustering, seed))
+        left_out = len(live) - int(keep.sum())
+        inconclusive = int(keep.sum()) < self.min_keep * len(live) or 0 < self.f < left_out
+        w = w.clone()
+        scores = torch.zeros(n, dtype=torch.float64)
+        scores[live] = torch.from_numpy(feats[:, 0])
+        if not inconclusive:
+            for row in live[~keep].tolist():
+                w[row] = 0.0
+                report.reject(row, "sign_cluster")
+        report.scores, report.selected = scores, w > 0
+        report.info.update(coords=k, inconclusive=inconclusive)
+        return U, w, report
+
+    def __repr__(self):
+        return f"SignFilter(coords={self.coords}, clustering={self.clustering!r}, min_keep={self.min_keep})"
 
 
 class FoolsGold(Aggregator):
@@ -270,6 +327,12 @@ def signguard(f: int = 0, lower: float = 0.1, upper: float = 3.0, coords: float 
     """SignGuard (Xu et al. 2022): norm bounds, then clustering of sign statistics."""
     check_nonneg_int("signguard", "f", f)
     return SignGuard(lower, upper, coords, clustering)
+
+
+@DEFENSES.register("sign_filter")
+def sign_filter(f: int = 0, coords: float = 0.1, clustering: str = "meanshift", min_keep: float = 0.5) -> Layer:
+    """SignGuard's sign-statistics clustering as a layer: drops rows outside the largest cluster."""
+    return SignFilter(coords, clustering, min_keep, f)
 
 
 @DEFENSES.register("foolsgold")

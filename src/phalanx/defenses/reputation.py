@@ -11,7 +11,10 @@ Each round a client that sent an update earns a contribution c in [0, 1]:
 c is the product of the available terms (0 for a row an earlier layer rejected), and
 ``r <- decay * r + (1 - decay) * c``. Unknown clients start at ``prior``. A client whose
 reputation falls under ``threshold`` is quarantined (weight 0) until it climbs back over
-``release`` (hysteresis), which takes several rounds of good behaviour. In the pipeline the layer
+``release`` (hysteresis), which takes several rounds of good behaviour. Given ``f`` (the server's
+assumed Byzantine count; a pipeline passes it), at most f clients are quarantined at a time, the
+lowest-scored: quarantining more would contradict the assumption and could leave the aggregator
+too few rows for its bound (a non-IID round can make honest clients look poor). In the pipeline the layer
 weights rows by reputation before aggregation and learns from the aggregate after it, so it may
 be listed before or after the aggregator.
 """
@@ -34,7 +37,8 @@ class Reputation(Layer):
     anywhere = True  # may be listed after the aggregator in a config
 
     def __init__(self, decay: float = 0.7, prior: float = 0.6, threshold: float = 0.3, release: float = 0.5,
-                 z_tolerance: float = 3.0, use_validation: bool = True, weight_by_reputation: bool = True):
+                 z_tolerance: float = 3.0, use_validation: bool = True, weight_by_reputation: bool = True,
+                 f: int | None = None):
         for pname, v in (("decay", decay), ("prior", prior), ("threshold", threshold), ("release", release)):
             if not 0 <= v <= 1:
                 raise PhalanxError(f"reputation: {pname} must be in [0, 1], got {v}")
@@ -46,6 +50,9 @@ class Reputation(Layer):
         self.z_tolerance = z_tolerance
         self.use_validation = use_validation
         self.weight_by_reputation = weight_by_reputation
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 0):
+            raise PhalanxError(f"reputation: f must be an integer >= 0 or None, got {f!r}")
+        self.f = f
         self.scores: dict[str, float] = {}
         self.quarantined: set[str] = set()
         self.history: dict[str, list[float]] = {}
@@ -101,6 +108,8 @@ class Reputation(Layer):
                 self.quarantined.add(cid)
             elif r >= self.release:
                 self.quarantined.discard(cid)
+        if self.f is not None and len(self.quarantined) > self.f:  # keep the f lowest-scored
+            self.quarantined = set(sorted(self.quarantined, key=lambda c: (self.scores[c], c))[:self.f])
 
     def state_dict(self) -> dict[str, Any]:
         return {"scores": dict(self.scores), "quarantined": sorted(self.quarantined),
@@ -114,6 +123,8 @@ class Reputation(Layer):
 
 @DEFENSES.register("reputation")
 def reputation(decay: float = 0.7, prior: float = 0.6, threshold: float = 0.3, release: float = 0.5,
-               z_tolerance: float = 3.0, use_validation: bool = True, weight_by_reputation: bool = True) -> Reputation:
-    """Time-decay reputation (cosine agreement, norm z-score, validation loss) with quarantine."""
-    return Reputation(decay, prior, threshold, release, z_tolerance, use_validation, weight_by_reputation)
+               z_tolerance: float = 3.0, use_validation: bool = True, weight_by_reputation: bool = True,
+               f: int | None = None) -> Reputation:
+    """Time-decay reputation (cosine agreement, norm z-score, validation loss) with quarantine of at
+    most f clients."""
+    return Reputation(decay, prior, threshold, release, z_tolerance, use_validation, weight_by_reputation, f)
