@@ -151,9 +151,10 @@ class SignFilter(Layer):
     """SignGuard's sign-statistics filter as a layer (Xu et al. 2022), to put in front of any
     aggregator: rows outside the largest cluster of sign statistics get weight 0 (reason
     ``sign_cluster``). Under an honest majority the honest rows form the largest cluster, so when
-    that cluster holds fewer than ``min_keep`` of the rows, or leaves out more than ``f`` rows
-    (when f > 0; a pipeline passes the server's f), the filter rejects nothing
-    (``info['inconclusive']``) rather than leave the aggregator too few rows for its bound."""
+    that cluster holds fewer than ``min_keep`` of the rows the filter rejects nothing
+    (``info['inconclusive']``). With f > 0 (a pipeline passes the server's f) it rejects at most f
+    rows, those whose statistics lie farthest from the cluster's median (``info['capped']``), so
+    non-IID honest rows outside the cluster cannot leave the aggregator too few rows."""
 
     name = "sign_filter"
 
@@ -171,17 +172,20 @@ class SignFilter(Layer):
         feats, k = sign_statistics(U[live], self.coords, ctx.generator)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
         keep = torch.from_numpy(largest_cluster(feats, self.clustering, seed))
-        left_out = len(live) - int(keep.sum())
-        inconclusive = int(keep.sum()) < self.min_keep * len(live) or 0 < self.f < left_out
+        inconclusive = int(keep.sum()) < self.min_keep * len(live)
+        out = np.flatnonzero(~keep.numpy()) if not inconclusive else np.zeros(0, dtype=np.int64)
+        capped = 0 < self.f < len(out)
+        if capped:  # the f rows farthest from the cluster's median statistics
+            dist = np.linalg.norm(feats[out] - np.median(feats[keep.numpy()], axis=0), axis=1)
+            out = out[np.argsort(-dist, kind="stable")[:self.f]]
         w = w.clone()
         scores = torch.zeros(n, dtype=torch.float64)
         scores[live] = torch.from_numpy(feats[:, 0])
-        if not inconclusive:
-            for row in live[~keep].tolist():
-                w[row] = 0.0
-                report.reject(row, "sign_cluster")
+        for row in live[torch.from_numpy(out)].tolist():
+            w[row] = 0.0
+            report.reject(row, "sign_cluster")
         report.scores, report.selected = scores, w > 0
-        report.info.update(coords=k, inconclusive=inconclusive)
+        report.info.update(coords=k, inconclusive=inconclusive, capped=capped)
         return U, w, report
 
     def __repr__(self):
