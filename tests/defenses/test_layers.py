@@ -184,3 +184,14 @@ def test_reputation_quarantines_at_most_f_clients_the_lowest_scored():
     assert len(unbounded.quarantined) == 4
     with pytest.raises(PhalanxError, match="reputation: f must be"):
         Reputation(f=-1)
+
+
+def test_reputation_leaves_room_for_rows_earlier_layers_dropped():
+    U = honest(10)
+    rep = Reputation(use_validation=False, f=3)
+    rep.scores = {"c0": 0.0, "c1": 0.05, "c2": 0.1}
+    rep.quarantined = {"c0", "c1", "c2"}
+    w = torch.ones(10)
+    w[5] = w[6] = 0.0  # two rows already dropped this round
+    _, w2, report = rep(U, w, simple_round_context(U))
+    assert report.reasons == {0: "quarantined"} and int((w2 == 0).sum()) == 3

@@ -64,10 +64,13 @@ class Reputation(Layer):
         report = Report(self.name, n=U.shape[0])
         r = torch.tensor([self.score(c) for c in ctx.client_ids], dtype=torch.float64)
         w = w.clone()
-        for i, cid in enumerate(ctx.client_ids):
-            if cid in self.quarantined:
-                w[i] = 0.0
-                report.reject(i, "quarantined")
+        held = [i for i, cid in enumerate(ctx.client_ids) if cid in self.quarantined]
+        if self.f is not None:  # with the rows earlier layers dropped, at most f leave the round
+            room = max(0, self.f - int((w[[i for i in range(len(w)) if i not in held]] <= 0).sum()))
+            held = sorted(held, key=lambda i: (self.score(ctx.client_ids[i]), i))[:room]
+        for i in held:
+            w[i] = 0.0
+            report.reject(i, "quarantined")
         if self.weight_by_reputation:
             w = w * r.to(w.dtype)
         report.scores = r
