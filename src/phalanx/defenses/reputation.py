@@ -13,10 +13,11 @@ c is the product of the available terms (0 for a row an earlier layer rejected),
 reputation falls under ``threshold`` is quarantined (weight 0) until it climbs back over
 ``release`` (hysteresis), which takes several rounds of good behaviour. Given ``f`` (the server's
 assumed Byzantine count; a pipeline passes it), at most f clients are quarantined at a time, the
-lowest-scored: quarantining more would contradict the assumption and could leave the aggregator
-too few rows for its bound (a non-IID round can make honest clients look poor). In the pipeline the layer
-weights rows by reputation before aggregation and learns from the aggregate after it, so it may
-be listed before or after the aggregator.
+lowest-scored, counting the rows earlier layers dropped that round: quarantining more would
+contradict the assumption and could leave the aggregator too few rows for its bound (a non-IID
+round can make honest clients look poor). In the pipeline the layer weights rows by reputation
+before aggregation and learns from the aggregate after it, so it may be listed before or after
+the aggregator.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ class Reputation(Layer):
         w = w.clone()
         held = [i for i, cid in enumerate(ctx.client_ids) if cid in self.quarantined]
         if self.f is not None:  # with the rows earlier layers dropped, at most f leave the round
-            room = max(0, self.f - int((w[[i for i in range(len(w)) if i not in held]] <= 0).sum()))
+            dropped = w <= 0
+            dropped[held] = False
+            room = max(0, self.f - int(dropped.sum()))
             held = sorted(held, key=lambda i: (self.score(ctx.client_ids[i]), i))[:room]
         for i in held:
             w[i] = 0.0
