@@ -114,8 +114,11 @@ def _print_table(db: Path, grid: str | None) -> None:
 
     rep = build(db, grid)
     console.print(terminal_table(rep.results, rep.rows))
+    if rep.results.failed:
+        console.print(f"({len(rep.results.failed)} runs failed and count as accuracy 0; the report lists them)",
+                      highlight=False)
     if rep.results.missing:
-        console.print(f"({rep.results.missing} cells not finished yet)", highlight=False)
+        console.print(f"({rep.results.missing} cells not run yet)", highlight=False)
 
 
 def _write(db: Path, out: Path, grid: str | None) -> None:

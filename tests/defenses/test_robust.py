@@ -350,6 +350,18 @@ def test_bad_inputs_get_clear_errors():
         DEFENSES.build("mean")(V, torch.ones(4), ctx)
 
 
+@pytest.mark.parametrize("name", ["dnc", "flame"])
+def test_rules_that_cannot_skip_nan_rows_name_them(name):
+    U = torch.randn(8, 5)
+    U[2, 1], U[6, 0] = math.nan, math.inf
+    with pytest.raises(PhalanxError, match=rf"{name}: rows \[2, 6\] have NaN/inf values; put the 'validate'"):
+        run(name, U, f=2)
+    w = torch.ones(8)
+    w[[2, 6]] = 0  # rows a layer already rejected are not checked
+    g, _ = run(name, U, w, f=2)
+    assert bool(torch.isfinite(g).all())
+
+
 def test_median_tolerates_a_minority_of_nan_rows():
     U, H = attacked(n=9, f=3, value=math.nan)
     g, _ = run("median", U)

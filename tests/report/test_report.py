@@ -99,6 +99,23 @@ def test_report_without_optional_data_says_what_it_skipped(tmp_path):
     assert 'id="comparative-table"' in page
 
 
+def test_a_failed_run_counts_as_zero_and_is_listed(tmp_path):
+    g = {k: v for k, v in GRID.items() if k != "privacy"}
+    g["attacks"] = {"clean": {"family": "none"}, "nan": {"family": "random", "name": "nonfinite"}}
+    g["defenses"] = {"mean": ["mean"], "median": ["median"]}
+    g["base"] = {**g["base"], "federation": {**g["base"]["federation"], "rounds": 2}}
+    out = run_grid(parse_grid(g), tmp_path / "f.db", workers=1)
+    assert len(out.failed) == 1 and out.failed[0][0].startswith("nan x mean")
+    rep = write_report(tmp_path / "f.db", tmp_path / "out")
+    rows = {s.defense: s for s in rep.rows}
+    assert rows["mean"].random.acc.mean == 0.0 and rows["mean"].random.tick == "broken"
+    assert rows["mean"].random.failed and "non-finite" in rows["mean"].random.failed[0]
+    assert rows["median"].random.acc.mean > 0.5 and not rows["median"].random.failed
+    page = rep.html.read_text()
+    assert 'id="failed-runs"' in page and "1 failed" in page and "non-finite" in page
+    assert "## Failed runs" in rep.markdown.read_text()
+
+
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="chromium not installed (optional system package)")
 def test_screenshot_in_headless_chromium(written, tmp_path):
     rep = written

@@ -285,7 +285,7 @@ class Flame(Aggregator):
         self.noise = float(noise)
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w)
+        Ua, _, idx = prepare(self.name, U, w, finite=True)
         n, d = Ua.shape
         keep, fallback = np.ones(n, dtype=bool), False
         if n >= 2:

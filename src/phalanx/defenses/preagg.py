@@ -109,7 +109,7 @@ class DnC(Aggregator):
         self.iterations = check_int(self.name, "iterations", iterations)
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w)
+        Ua, _, idx = prepare(self.name, U, w, finite=True)
         n, d = Ua.shape
         drop = math.ceil(self.c * self.f - 1e-9)
         require_rows(self.name, n, drop + 1, "n > c*f", self.f)

@@ -33,8 +33,11 @@ _BLOCK_BYTES = 1 << 20  # one column block (n rows x bc columns) fits in a core'
 
 # ----------------------------------------------------------------------------- shared helpers
 
-def prepare(name: str, U: torch.Tensor, w: torch.Tensor):
-    """Check (U, w) and return the active rows: (Ua, wa, idx). Avoids a copy when all are active."""
+def prepare(name: str, U: torch.Tensor, w: torch.Tensor, finite: bool = False):
+    """Check (U, w) and return the active rows: (Ua, wa, idx). Avoids a copy when all are active.
+
+    ``finite``: the rule cannot work around NaN/inf rows (a clustering, an eigendecomposition), so
+    active rows with such values are a clear error rather than a numerical library's crash."""
     if not isinstance(U, torch.Tensor) or U.ndim != 2 or not U.is_floating_point():
         got = tuple(U.shape) if isinstance(U, torch.Tensor) else type(U).__name__
         raise PhalanxError(f"{name}: U must be a float tensor of shape [n, d], got {got}")
@@ -45,10 +48,14 @@ def prepare(name: str, U: torch.Tensor, w: torch.Tensor):
         raise PhalanxError(f"{name}: weights must be finite and >= 0, got {w.tolist()}")
     U = U.detach()
     if bool((w > 0).all()):
-        return U, w, torch.arange(U.shape[0], device=w.device)
-    Ua, wa, idx = active(U, w)
+        Ua, wa, idx = U, w, torch.arange(U.shape[0], device=w.device)
+    else:
+        Ua, wa, idx = active(U, w)
     if Ua.shape[0] == 0:
         raise PhalanxError(f"{name}: every row has weight 0; nothing to aggregate")
+    if finite and not bool(torch.isfinite(Ua).all()):
+        bad = idx[~torch.isfinite(Ua).all(1)].tolist()
+        raise PhalanxError(f"{name}: rows {bad} have NaN/inf values; put the 'validate' layer before it")
     return Ua, wa, idx
 
 

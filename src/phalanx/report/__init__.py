@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import PhalanxError
 from ..store import Store
-from .tables import (THRESHOLDS, Results, Summary, detail, headline, legend, load_results, markdown_table,
+from .tables import (THRESHOLDS, Results, Summary, detail, failures, headline, legend, load_results, markdown_table,
                      rich_table, summarize, tick)
 
 
@@ -30,6 +30,9 @@ def markdown(res: Results, rows: list[Summary]) -> str:
     for s in res.scenarios:
         c, t, _ = detail(res, rows, s)
         out += [f"## Per attack: {s[0]}, {s[1]}, byzantine {s[2]:g}", "", markdown_table(c, t), ""]
+    if res.failed:
+        c, t = failures(res)
+        out += ["## Failed runs (each counts as accuracy 0)", "", markdown_table(c, t), ""]
     return "\n".join(out)
 
 

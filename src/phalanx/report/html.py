@@ -6,7 +6,7 @@ import base64
 import html
 
 from .plots import Figure
-from .tables import Results, Summary, detail, headline, legend
+from .tables import Results, Summary, detail, failures, headline, legend
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1280px;
@@ -61,7 +61,8 @@ def render(res: Results, rows: list[Summary], figures: list[Figure], title: str 
     """The whole report as one HTML string."""
     cols, text, ticks = headline(res, rows)
     seeds = sorted({r.seed for r in res.runs})
-    meta = (f"Store: {html.escape(res.db)} &middot; {len(res.runs)} finished cells, {res.missing} not finished "
+    meta = (f"Store: {html.escape(res.db)} &middot; {len(res.runs)} finished cells, {len(res.failed)} failed, "
+            f"{res.missing} not run yet "
             f"&middot; {len(res.defenses)} defenses x {len(res.attacks)} attacks x {len(seeds)} seed(s) "
             f"&middot; settings: {html.escape('; '.join(f'{d}, {p}, byzantine {b:g}' for d, p, b in res.scenarios))}")
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
@@ -74,6 +75,11 @@ def render(res: Results, rows: list[Summary], figures: list[Figure], title: str 
         parts += [f"<h2>Per attack: {html.escape(f'{s[0]}, {s[1]}, byzantine {s[2]:g}')}</h2>",
                   '<p class="legend">Final accuracy % ± std [min-max over seeds] and peak; backdoors: ASR % '
                   "[min-max] and main accuracy.</p>", _table(c, t, k)]
+    if res.failed:
+        c, t = failures(res)
+        parts += ["<h2>Failed runs</h2>", '<p class="legend">Runs the defense could not complete under the '
+                  "attack; each counts as accuracy 0 above.</p>", _table(c, t, [[None] * len(c) for _ in t],
+                                                                       "failed-runs")]
     parts += ["<h2>Leakage audit</h2>", _privacy(res, rows), "<h2>Figures</h2>"]
     parts += [_figure(f) for f in figures]
     parts.append("</body></html>")

@@ -56,6 +56,7 @@ class CellRun:
     cell: str
     run_id: str
     rounds: list[dict]
+    error: str | None = None  # set when the cell's run failed (no finished run exists)
 
     @property
     def scenario(self) -> tuple[str, str, float]:
@@ -87,7 +88,11 @@ class Results:
     baseline: str | None
     privacy: dict[str, list[float]] = field(default_factory=dict)  # defense -> PSNR per seed
     privacy_rules: dict[str, list] = field(default_factory=dict)
-    missing: int = 0  # cells in the layout without a finished run
+    failed: list[CellRun] = field(default_factory=list)  # cells whose run raised an error
+    missing: int = 0  # cells in the layout with no run yet
+
+    def group_failed(self, scenario, attack: str, defense: str) -> list[CellRun]:
+        return [r for r in self.failed if r.scenario == scenario and r.attack == attack and r.defense == defense]
 
     def group(self, scenario, attack: str, defense: str) -> list[CellRun]:
         return [r for r in self.runs if r.scenario == scenario and r.attack == attack and r.defense == defense]
@@ -101,7 +106,8 @@ def _has_table(store: Store, name: str) -> bool:
 
 
 def load_results(store: Store, grid: str | None = None) -> Results:
-    """Every grid cell of ``store`` (or of one grid) with its latest finished run."""
+    """Every grid cell of ``store`` (or of one grid) with its latest finished run; cells whose
+    latest run failed (the defense raised an error under the attack) go to ``failed``."""
     if not _has_table(store, "bench_cells"):
         raise PhalanxError(f"{store.path}: no grid results in this store; run "
                            f"`phalanx bench GRID --db {store.path}` first")
@@ -111,20 +117,25 @@ def load_results(store: Store, grid: str | None = None) -> Results:
     names = [grid] if grid else list(specs)
     latest = {c: r for r, c in store.db.execute(
         "SELECT run_id, cell FROM runs WHERE status='done' AND cell IS NOT NULL ORDER BY ended")}
+    errors = {c: (r, json.loads(final or "{}").get("error", "failed")) for r, c, final in store.db.execute(
+        "SELECT run_id, cell, final FROM runs WHERE status='failed' AND cell IS NOT NULL ORDER BY ended")}
     attacks: dict[str, str] = {}
     defenses: list[str] = []
     for g in names:
         for label, a in specs[g]["attacks"].items():
             attacks.setdefault(label, a["family"])
         defenses += [d for d in specs[g]["defenses"] if d not in defenses]
-    runs, missing, cache, scenarios = [], 0, {}, []
+    runs, failed, missing, cache, scenarios = [], [], 0, {}, []
     q = ("SELECT dataset, partition, byzantine, attack, family, defense, seed, cell FROM bench_cells "
          "WHERE grid=? ORDER BY rowid")
     for g in names:
         for row in store.db.execute(q, (g,)).fetchall():
             run_id = latest.get(row[7])
             if run_id is None:
-                missing += 1
+                if row[7] in errors:
+                    failed.append(CellRun(*row, run_id=errors[row[7]][0], rounds=[], error=errors[row[7]][1]))
+                else:
+                    missing += 1
                 continue
             if run_id not in cache:
                 cache[run_id] = store.read_run(run_id).rounds
@@ -135,7 +146,7 @@ def load_results(store: Store, grid: str | None = None) -> Results:
     spec = specs[names[-1]] if names else {}
     baseline = spec.get("baseline") or next(
         (k for k, d in spec.get("defenses", {}).items() if d.get("stages") == ["mean"]), None)
-    res = Results(str(store.path), runs, attacks, defenses, scenarios, baseline, missing=missing)
+    res = Results(str(store.path), runs, attacks, defenses, scenarios, baseline, failed=failed, missing=missing)
     if _has_table(store, "bench_privacy"):
         q = ("SELECT m.defense, p.psnr, p.rule FROM bench_privacy_map m JOIN bench_privacy p ON p.probe = m.probe "
              "WHERE m.grid=? ORDER BY m.seed")
@@ -176,6 +187,7 @@ class Entry:
     asr: Stat | None = None
     reference: float | None = None
     tick: str | None = None
+    failed: list[str] = field(default_factory=list)  # the error of each seed whose run failed
 
 
 @dataclass
@@ -203,10 +215,13 @@ def reference(res: Results, scenario, defense: str) -> float | None:
 
 
 def entry(res: Results, scenario, attack: str, defense: str) -> Entry | None:
-    runs = res.group(scenario, attack, defense)
-    if not runs:
+    """One cell over seeds. A seed whose run failed counts as accuracy 0: the attack stopped training."""
+    runs, bad = res.group(scenario, attack, defense), res.group_failed(scenario, attack, defense)
+    if not runs and not bad:
         return None
-    e = Entry(scenario, attack, Stat.of(r.final("accuracy") for r in runs), Stat.of(r.peak("accuracy") for r in runs))
+    zeros = [0.0] * len(bad)
+    e = Entry(scenario, attack, Stat.of([r.final("accuracy") for r in runs] + zeros),
+              Stat.of([r.peak("accuracy") for r in runs] + zeros), failed=[r.error for r in bad])
     if res.attacks.get(attack) == "backdoor":
         e.asr = Stat.of(r.final("asr") for r in runs)
         e.tick = tick(e.asr.mean if e.asr else None, kind="asr")
@@ -266,11 +281,15 @@ def _where(res: Results, e: Entry, show_attack: bool = True) -> str:
     return f" · {'; '.join(parts)}" if parts else ""
 
 
+def _failed(e: Entry) -> str:
+    return f", {len(e.failed)} of {e.acc.n} runs failed" if e.failed else ""
+
+
 def fmt_accuracy(res: Results, e: Entry | None, show_attack: bool = True, symbol: bool = True) -> str:
     if e is None or e.acc is None:
         return "-"
     s = f"{SYMBOLS[e.tick]} " if symbol else ""
-    return f"{s}{_pts(e.acc.mean)}{_pm(e.acc)}, peak {_pts(e.peak.mean)}{_where(res, e, show_attack)}"
+    return f"{s}{_pts(e.acc.mean)}{_pm(e.acc)}, peak {_pts(e.peak.mean)}{_failed(e)}{_where(res, e, show_attack)}"
 
 
 def fmt_backdoor(res: Results, e: Entry | None, show_attack: bool = True) -> str:
@@ -309,7 +328,7 @@ def detail(res: Results, rows: list[Summary], scenario) -> tuple[list[str], list
             elif e.acc is not None:
                 sym = f"{SYMBOLS[e.tick]} " if res.attacks[a] != "none" else ""
                 t_row.append(f"{sym}{_pts(e.acc.mean)}{_pm(e.acc)} [{_pts(e.acc.lo)}-{_pts(e.acc.hi)}] "
-                             f"peak {_pts(e.peak.mean)}")
+                             f"peak {_pts(e.peak.mean)}{_failed(e)}")
             else:
                 t_row.append("-")
             k_row.append(e.tick if e is not None and res.attacks[a] != "none" else None)
@@ -318,12 +337,23 @@ def detail(res: Results, rows: list[Summary], scenario) -> tuple[list[str], list
     return cols, text, ticks
 
 
+def failures(res: Results) -> tuple[list[str], list[list[str]]]:
+    """The failed runs, one row per (setting, attack, defense, error) with the seeds it hit."""
+    groups: dict[tuple, list[int]] = {}
+    for r in res.failed:
+        groups.setdefault((r.scenario, r.attack, r.defense, r.error), []).append(r.seed)
+    rows = [[d, a, f"{ds}, {part}, byz {byz:g}", ", ".join(map(str, sorted(seeds))), err or "-"]
+            for ((ds, part, byz), a, d, err), seeds in groups.items()]
+    return ["Defense", "Attack", "Setting", "Seeds", "Error"], rows
+
+
 def legend(res: Results) -> str:
     base = f"'{res.baseline}' (no attack)" if res.baseline else "the same defense without attack"
     seeds = sorted({r.seed for r in res.runs})
     return (f"Numbers are test accuracy in % at the last round, mean over {len(seeds)} seed(s) (± standard "
             f"deviation over seeds when there are several), with the peak over rounds; worst case over the "
-            f"attacks of each family. "
+            f"attacks of each family. A run that failed (the defense raised an error under the attack, "
+            f"such as a non-finite aggregate) counts as accuracy 0; the report lists these runs. "
             f"Accuracy ticks compare with the clean accuracy of {base} in the same setting: "
             f"✓ held = within {THRESHOLDS['accuracy_held']:g} points, ◐ partial = within "
             f"{THRESHOLDS['accuracy_partial']:g} points, ✗ broken = further below. Backdoors: attack success "
