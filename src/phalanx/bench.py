@@ -63,7 +63,7 @@ class PartitionSpec(_Strict):
 
 
 class AttackSpec(_Strict):
-    family: Literal["random", "adaptive", "backdoor", "none"]
+    family: Literal["random", "adaptive", "backdoor", "malformed", "none"]
     name: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     poison: str | None = None

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from phalanx.bench import parse_grid, run_grid
 from phalanx.report import build, markdown, terminal_table, tick, write_report
+from phalanx.report.tables import headline
 
 GRID = {
     "name": "rep",
@@ -79,7 +80,8 @@ def test_report_has_the_table_and_every_figure(written):
     assert "<figcaption>" in page and 'id="privacy-table"' in page
     assert not re.search(r'(src|href)="(https?:|//|file:)', page)  # self-contained
     md = rep.markdown.read_text()
-    assert "| Defense | No attack | Random attacks |" in md and "| layered |" in md
+    assert "| Defense | No attack | Random attacks | Adaptive attacks | Backdoors | Overhead |" in md  # no malformed
+    assert "| layered |" in md
     console = Console(width=220, record=True)
     console.print(terminal_table(rep.results, rep.rows))
     text = console.export_text()
@@ -101,16 +103,20 @@ def test_report_without_optional_data_says_what_it_skipped(tmp_path):
 
 def test_a_failed_run_counts_as_zero_and_is_listed(tmp_path):
     g = {k: v for k, v in GRID.items() if k != "privacy"}
-    g["attacks"] = {"clean": {"family": "none"}, "nan": {"family": "random", "name": "nonfinite"}}
+    g["attacks"] = {"clean": {"family": "none"}, "sign": GRID["attacks"]["sign"],
+                    "nan": {"family": "malformed", "name": "nonfinite"}}
     g["defenses"] = {"mean": ["mean"], "median": ["median"]}
     g["base"] = {**g["base"], "federation": {**g["base"]["federation"], "rounds": 2}}
     out = run_grid(parse_grid(g), tmp_path / "f.db", workers=1)
     assert len(out.failed) == 1 and out.failed[0][0].startswith("nan x mean")
     rep = write_report(tmp_path / "f.db", tmp_path / "out")
     rows = {s.defense: s for s in rep.rows}
-    assert rows["mean"].random.acc.mean == 0.0 and rows["mean"].random.tick == "broken"
-    assert rows["mean"].random.failed and "non-finite" in rows["mean"].random.failed[0]
-    assert rows["median"].random.acc.mean > 0.5 and not rows["median"].random.failed
+    assert rows["mean"].malformed.acc.mean == 0.0 and rows["mean"].malformed.tick == "broken"
+    assert rows["mean"].malformed.failed and "non-finite" in rows["mean"].malformed.failed[0]
+    assert rows["median"].malformed.acc.mean > 0.5 and not rows["median"].malformed.failed
+    assert rows["mean"].random.attack == "sign" and not rows["mean"].random.failed  # families kept apart
+    cols, text, _ = headline(rep.results, rep.rows)
+    assert "Malformed updates" in cols and "failed" in text[0][cols.index("Malformed updates")]
     page = rep.html.read_text()
     assert 'id="failed-runs"' in page and "1 failed" in page and "non-finite" in page
     assert "## Failed runs" in rep.markdown.read_text()

@@ -17,7 +17,8 @@ from ..store import Store
 
 THRESHOLDS = {"accuracy_held": 5.0, "accuracy_partial": 20.0, "asr_held": 0.10, "asr_partial": 0.50}
 SYMBOLS = {"held": "✓", "partial": "◐", "broken": "✗", None: "?"}
-COLUMNS = ("Defense", "No attack", "Random attacks", "Adaptive attacks", "Backdoors", "Overhead", "Privacy")
+COLUMNS = ("Defense", "No attack", "Random attacks", "Adaptive attacks", "Backdoors", "Malformed updates", "Overhead",
+           "Privacy")  # "Malformed updates" (NaN/inf rows) only when the grid has that family
 
 
 def tick(value: float | None, reference: float | None = None, kind: str = "accuracy") -> str | None:
@@ -197,6 +198,7 @@ class Summary:
     random: Entry | None
     adaptive: Entry | None
     backdoor: Entry | None
+    malformed: Entry | None
     agg_ms: float | None
     ratio: float | None
     psnr: float | None
@@ -250,12 +252,12 @@ def summarize(res: Results) -> list[Summary]:
     for d in res.defenses:
         cells = {(s, a): e for s in res.scenarios for a in res.attacks if (e := entry(res, s, a, d))}
         fam = {f: [e for (s, a), e in cells.items() if res.attacks[a] == f]
-               for f in ("none", "random", "adaptive", "backdoor")}
+               for f in ("none", "random", "adaptive", "backdoor", "malformed")}
         psnr = res.privacy.get(d)
         eps = [v for r in res.runs if r.defense == d for k in ("epsilon", "epsilon_central")
                if (v := r.final(k)) is not None]
         out.append(Summary(d, _worst(fam["none"], False), _worst(fam["random"], False), _worst(fam["adaptive"], False),
-                           _worst(fam["backdoor"], True), agg[d],
+                           _worst(fam["backdoor"], True), _worst(fam["malformed"], False), agg[d],
                            agg[d] / base_ms if agg[d] is not None and base_ms else None,
                            statistics.median(psnr) if psnr else None, cells, max(eps) if eps else None))
     return out
@@ -301,15 +303,21 @@ def fmt_backdoor(res: Results, e: Entry | None, show_attack: bool = True) -> str
 
 def headline(res: Results, rows: list[Summary]) -> tuple[list[str], list[list[str]], list[list[str | None]]]:
     """(columns, text rows, tick per cell) of the comparative table."""
+    malformed = "malformed" in res.attacks.values()
     text, ticks = [], []
     for s in rows:
         over = "-" if s.agg_ms is None else f"{s.agg_ms:.2f} ms" + (f" ({s.ratio:.1f}x)" if s.ratio else "")
         priv = ", ".join(([f"{s.psnr:.1f} dB"] if s.psnr is not None else [])
                          + ([f"ε {s.epsilon:.3g}"] if s.epsilon is not None else [])) or "-"
-        text.append([s.defense, fmt_accuracy(res, s.clean, False, False), fmt_accuracy(res, s.random),
-                     fmt_accuracy(res, s.adaptive), fmt_backdoor(res, s.backdoor), over, priv])
-        ticks.append([None, None, *(e.tick if e else None for e in (s.random, s.adaptive, s.backdoor)), None, None])
-    return list(COLUMNS), text, ticks
+        cells = [fmt_accuracy(res, s.random), fmt_accuracy(res, s.adaptive), fmt_backdoor(res, s.backdoor)]
+        families = [s.random, s.adaptive, s.backdoor]
+        if malformed:
+            cells.append(fmt_accuracy(res, s.malformed))
+            families.append(s.malformed)
+        text.append([s.defense, fmt_accuracy(res, s.clean, False, False), *cells, over, priv])
+        ticks.append([None, None, *(e.tick if e else None for e in families), None, None])
+    cols = [c for c in COLUMNS if malformed or c != "Malformed updates"]
+    return cols, text, ticks
 
 
 def detail(res: Results, rows: list[Summary], scenario) -> tuple[list[str], list[list[str]], list[list[str | None]]]:
@@ -352,7 +360,7 @@ def legend(res: Results) -> str:
     seeds = sorted({r.seed for r in res.runs})
     return (f"Numbers are test accuracy in % at the last round, mean over {len(seeds)} seed(s) (± standard "
             f"deviation over seeds when there are several), with the peak over rounds; worst case over the "
-            f"attacks of each family. A run that failed (the defense raised an error under the attack, "
+            f"attacks of each family (malformed updates: NaN/inf values). A run that failed (the defense raised an error under the attack, "
             f"such as a non-finite aggregate) counts as accuracy 0; the report lists these runs. "
             f"Accuracy ticks compare with the clean accuracy of {base} in the same setting: "
             f"✓ held = within {THRESHOLDS['accuracy_held']:g} points, ◐ partial = within "
