@@ -10,11 +10,13 @@ import io
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..store import Store  # noqa: E402
 from .tables import Results, Summary  # noqa: E402
@@ -45,7 +47,25 @@ def _panels(n: int, w: float = 3.4, h: float = 2.5):
     flat = list(axes.flat)
     for ax in flat[n:]:
         ax.set_visible(False)
+    for ax in flat[:n]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds
     return fig, flat[:n]
+
+
+def _legend_and_layout(fig, axes) -> None:
+    """One legend below the panels with every label drawn in any of them (a panel may be empty)."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    if not seen:
+        fig.tight_layout()
+        return
+    ncol = min(len(seen), 8)
+    lines = math.ceil(len(seen) / ncol)
+    room = min(0.4, 0.25 * lines / fig.get_figheight() + 0.02)
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, room, 1, 1))
 
 
 def _colours(labels: list[str]) -> dict[str, tuple]:
@@ -123,8 +143,7 @@ def curves(res: Results, scenario, metric: str) -> Figure:
         ax.set_title(a, fontsize=9)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("round", fontsize=8)
-    axes[0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    _legend_and_layout(fig, axes)
     return Figure(f"curves-{metric}", f"{name} per round", cap, _png(fig))
 
 
@@ -135,14 +154,15 @@ def detection(res: Results, scenario) -> Figure:
            "never reject have no precision line.")
     title = "Detection precision and recall"
     colours = _colours(res.defenses)
-    fig, (p_ax, r_ax) = plt.subplots(1, 2, figsize=(10, 3.2))
+    fig, (p_ax, r_ax) = _panels(2, w=5, h=3.2)
+    p_ax.sharex(r_ax)  # the same rounds on both (precision may have a single point)
     drawn = False
     for d in res.defenses:
         runs = [r for r in res.runs if r.scenario == scenario and r.defense == d and r.family != "none"]
         for ax, key in ((p_ax, "det_precision"), (r_ax, "det_recall")):
             xs, ys = _mean_series(runs, key)
             if xs:
-                ax.plot(xs, ys, color=colours[d], label=d, lw=1.4)
+                ax.plot(xs, ys, color=colours[d], label=d, lw=1.4, marker="o", ms=2.5)  # a lone point shows
                 drawn = True
     for ax, t in ((p_ax, "precision"), (r_ax, "recall")):
         ax.set_title(t, fontsize=9)
@@ -151,8 +171,7 @@ def detection(res: Results, scenario) -> Figure:
     if not drawn:
         plt.close(fig)
         return Figure("detection", title, cap, note="no attacked cells with detection metrics")
-    r_ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    _legend_and_layout(fig, (p_ax, r_ax))
     return Figure("detection", title, cap, _png(fig))
 
 
@@ -198,8 +217,7 @@ def reputation(res: Results, store: Store, scenario, cache: dict) -> Figure:
         ax.set_title(f"{d} / {a}", fontsize=9)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("round", fontsize=8)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    _legend_and_layout(fig, axes)
     note = f"showing 12 of {len(panels)} panels" if len(panels) > 12 else None
     return Figure("reputation", title, cap, _png(fig), note)
 
@@ -235,8 +253,7 @@ def distribution(res: Results, store: Store, scenario, key: str, cache: dict) ->
         ax.set_xlabel("round", fontsize=8)
         if key == "norm":
             ax.set_yscale("symlog", linthresh=1e-3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    _legend_and_layout(fig, axes)
     return Figure(f"dist-{key}", title, cap, _png(fig))
 
 
@@ -258,8 +275,7 @@ def drift(res: Results, scenario) -> Figure:
         ax.set_title(a, fontsize=9)
         ax.set_yscale("log")
         ax.set_xlabel("round", fontsize=8)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    _legend_and_layout(fig, axes)
     return Figure("drift", title, cap, _png(fig))
 
 
