@@ -52,3 +52,19 @@ def test_reputation_in_a_run_quarantines_attackers(tiny_config):
     rep = fed.defense.layers[-1]
     assert rep.name == "reputation"
     assert not (rep.quarantined - {c for c, m in zip(fed.client_ids, fed.malicious.tolist()) if m})
+
+
+def test_attackers_simulate_the_server_without_its_signature_check(tiny_config):
+    # Byzantine clients sign with valid keys, so verify passes their rows. An attacker that simulated
+    # verify (with no envelopes) saw every row rejected, and optimal ALIE settled on z = 0.
+    tiny_config["federation"].update(num_clients=10, rounds=2)
+    tiny_config["attack"] = {"name": "alie", "byzantine": 2, "params": {"variant": "optimal"}}
+    found = {}
+    for signing, defense in ((False, ["median"]), (True, ["verify", "median"])):
+        tiny_config["federation"]["signing"] = signing
+        tiny_config["defense"] = defense
+        fed = Federation(parse_config(tiny_config))
+        assert [s.name for s in fed.defense.as_attackers_see_it().stages] == ["median"]
+        fed.run()
+        found[signing] = fed.attack.last["z"]
+    assert found[True] == found[False] > 0

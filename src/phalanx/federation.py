@@ -229,7 +229,8 @@ class Federation:
             return view
 
         actx = AttackContext(own=U[mal].clone(), n=U.shape[0], round=rnd, generator=gen,
-                             global_params=self.params, aggregator=self.defense, history=self.attack_history,
+                             global_params=self.params, aggregator=self.defense.as_attackers_see_it(),
+                             history=self.attack_history,
                              server_view=server_view)
         bad = self.attack(U[~mal].clone(), actx)
         if bad.shape != (int(mal.sum()), U.shape[1]):

@@ -64,6 +64,11 @@ def test_pipeline_skips_a_round_when_everyone_is_rejected():
     U = torch.full((4, 5), float("nan"))
     g, rep = Pipeline([Validate()], Mean())(U, torch.ones(4), simple_round_context(U))
     assert torch.equal(g, torch.zeros(5)) and rep.info["skipped"]
+    # later layers are not asked to judge zero rows (nnm would refuse them)
+    from phalanx.defenses.preagg import NNM
+
+    g, rep = Pipeline([Validate(), NNM(f=1), Clip(max_norm=1.0)], Mean())(U, torch.ones(4), simple_round_context(U))
+    assert rep.info["skipped"] and rep.info["stages"] == ["validate"]
 
 
 # ---------------------------------------------------------------- clipping

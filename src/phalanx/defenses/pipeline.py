@@ -34,10 +34,18 @@ class Pipeline(Aggregator):
     def stages(self) -> list:
         return [*self.layers, self.aggregator, *self.post]
 
+    def as_attackers_see_it(self) -> "Pipeline":
+        """The pipeline an omniscient attacker simulates: without the layers that judge who sent a
+        row (signature checks), which the Byzantine clients' own valid keys pass anyway."""
+        layers = [layer for layer in self.layers if not getattr(layer, "judges_identity", False)]
+        return self if len(layers) == len(self.layers) else Pipeline(layers, self.aggregator, self.post)
+
     def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
         reports: list[Report] = []
         seen: list[tuple[Layer, torch.Tensor, torch.Tensor, int]] = []
         for layer in self.layers:
+            if not bool((w > 0).any()):
+                break  # an earlier layer rejected every row: the later ones have nothing to judge
             if hasattr(layer, "observe"):
                 seen.append((layer, U, w, len(reports)))
             U, w, rep = layer(U, w, ctx)

@@ -153,9 +153,13 @@ def sign_updates(U: torch.Tensor, signers: Mapping[str, ClientSigner], client_id
 
 # ---------------------------------------------------------------------------- the layer
 class Verify(Layer):
-    """Zero-weights rows whose envelope (``ctx.extras["envelopes"]``) fails; see ``REASONS``."""
+    """Zero-weights rows whose envelope (``ctx.extras["envelopes"]``) fails; see ``REASONS``.
+
+    It judges who sent a row, not what the row says: Byzantine clients hold valid keys, so an
+    attacker simulating the server leaves it out (``Pipeline.as_attackers_see_it``)."""
 
     name = "verify"
+    judges_identity = True
 
     def __init__(self, registry: KeyRegistry | str | Path, run_id: str, max_round_lag: int = 0,
                  workers: int = 0):
