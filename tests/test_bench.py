@@ -50,6 +50,15 @@ def test_grid_runs_is_stored_and_skipped_when_rerun(tmp_path, counter):
     assert (again.ran, again.skipped) == (0, 2) and counter["n"] == 2 and len(Store(db).runs()) == 2
 
 
+def test_redo_reruns_the_matching_done_cells_and_keeps_the_old_runs(tmp_path, counter):
+    spec, db = parse_grid(TINY), tmp_path / "g.db"
+    run_grid(spec, db, workers=1)
+    out = run_grid(spec, db, workers=1, redo=["sign/*"])
+    assert (out.ran, out.skipped) == (1, 1) and counter["n"] == 3 and len(Store(db).runs()) == 3
+    with pytest.raises(ConfigError, match=r"redo: 'sgn/\*' matches no cell.*attacks clean, sign"):
+        run_grid(spec, db, workers=1, redo=["sgn/*"])
+
+
 def test_interrupted_grid_resumes_with_the_remaining_cell(tmp_path, counter):
     spec, db = parse_grid(TINY), tmp_path / "g.db"
     assert run_grid(spec, db, workers=1, limit=1).ran == 1 and counter["n"] == 1

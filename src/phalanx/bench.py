@@ -17,6 +17,7 @@ and plots.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -24,7 +25,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, Literal, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -317,20 +318,28 @@ def record_layout(store: Store, spec: GridSpec, cells: list[Cell]) -> None:
 
 
 def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: int | None = None,
-             progress: Any = None) -> GridOutcome:
+             progress: Any = None, redo: Sequence[str] = ()) -> GridOutcome:
     """Run the cells of ``spec`` not yet done in ``db`` (at most ``limit``), then the leakage audit.
+
+    redo: glob patterns on ``attack/defense`` (``fang_krum/*``); matching cells run again even when
+    done, say after a code change. Their older runs stay in the store; reports use the newest.
 
     progress: None, or an object with ``start(cells, probes)``, ``advance(cell_key)`` (one round
     done), ``cell_done(cell, result)`` and ``probe_done()`` (the CLI passes a rich progress bar).
     """
     t0 = time.perf_counter()
     cells = expand(spec)
+    for p in redo:
+        if not any(fnmatch.fnmatchcase(f"{c.coords['attack']}/{c.coords['defense']}", p) for c in cells):
+            raise ConfigError(f"redo: {p!r} matches no cell; patterns are ATTACK/DEFENSE globs over attacks "
+                              f"{', '.join(spec.attacks)} and defenses {', '.join(spec.defenses)}")
     store = Store(db)
     record_layout(store, spec, cells)
     done = store.done_cells()
     todo, keys = [], set()
     for c in cells:
-        if c.key not in done and c.key not in keys:
+        again = any(fnmatch.fnmatchcase(f"{c.coords['attack']}/{c.coords['defense']}", p) for p in redo)
+        if (again or c.key not in done) and c.key not in keys:
             keys.add(c.key)
             todo.append(c)
     out = GridOutcome(total=len(cells), skipped=len(cells) - len(todo))

@@ -65,6 +65,8 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
                                                 help="parallel worker processes (default: the grid's workers)"),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override a grid field: key.sub=value"),
           limit: Optional[int] = typer.Option(None, min=1, help="run at most N pending cells, then stop"),
+          redo: Optional[List[str]] = typer.Option(None, help="run ATTACK/DEFENSE cells again even when done "
+                                                   "(a glob such as 'fang_krum/*'; repeatable)"),
           out: Optional[Path] = typer.Option(None, help="also write the HTML report into this folder")):
     """Run an attack x defense grid: parallel, stored, resumable (cells already done are skipped)."""
     import phalanx  # noqa: F401  (registers everything)
@@ -75,7 +77,7 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
         db = db or Path("results") / f"{spec.name}.db"
         bar = RichProgress(console)
         try:
-            outcome = run_grid(spec, db, workers=workers, limit=limit, progress=bar)
+            outcome = run_grid(spec, db, workers=workers, limit=limit, progress=bar, redo=redo or [])
         finally:
             bar.stop()
         console.print(f"{spec.name}: {outcome.total} cells, {outcome.skipped} already done, {outcome.ran} run, "
