@@ -107,8 +107,8 @@ def _has_table(store: Store, name: str) -> bool:
 
 
 def load_results(store: Store, grid: str | None = None) -> Results:
-    """Every grid cell of ``store`` (or of one grid) with its latest finished run; cells whose
-    latest run failed (the defense raised an error under the attack) go to ``failed``."""
+    """Every grid cell of ``store`` (or of one grid) with its newest run; cells whose newest run
+    failed (the defense raised an error under the attack) go to ``failed``."""
     if not _has_table(store, "bench_cells"):
         raise PhalanxError(f"{store.path}: no grid results in this store; run "
                            f"`phalanx bench GRID --db {store.path}` first")
@@ -116,10 +116,16 @@ def load_results(store: Store, grid: str | None = None) -> Results:
     if grid is not None and grid not in specs:
         raise PhalanxError(f"grid: expected one of {', '.join(specs) or 'none'} in {store.path}, got {grid!r}")
     names = [grid] if grid else list(specs)
-    latest = {c: r for r, c in store.db.execute(
-        "SELECT run_id, cell FROM runs WHERE status='done' AND cell IS NOT NULL ORDER BY ended")}
-    errors = {c: (r, json.loads(final or "{}").get("error", "failed")) for r, c, final in store.db.execute(
-        "SELECT run_id, cell, final FROM runs WHERE status='failed' AND cell IS NOT NULL ORDER BY ended")}
+    latest, errors = {}, {}  # per cell, its newest run: finished, or failed with its error
+    for run_id, cell, status, final in store.db.execute(
+            "SELECT run_id, cell, status, final FROM runs WHERE status IN ('done', 'failed') AND cell IS NOT NULL "
+            "ORDER BY ended"):
+        latest.pop(cell, None)
+        errors.pop(cell, None)
+        if status == "done":
+            latest[cell] = run_id
+        else:
+            errors[cell] = (run_id, json.loads(final or "{}").get("error", "failed"))
     attacks: dict[str, str] = {}
     defenses: list[str] = []
     for g in names:
