@@ -54,6 +54,17 @@ def test_fltrust_matches_loop_and_resists_attack():
     assert float((g - H.mean(0)).norm()) < 0.3 * float(base.norm())
 
 
+def test_fltrust_gives_nan_rows_no_trust_and_aggregates_the_rest():
+    U = torch.tensor([[2.0, 0.0], [math.nan, 1.0], [1.0, 1.0], [math.inf, 0.0]])
+    ctx = simple_round_context(U, server_update=lambda: torch.tensor([1.0, 0.0]))
+    g, rep = DEFENSES.build("fltrust")(U, torch.ones(4), ctx)
+    clean = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    ctx = simple_round_context(clean, server_update=lambda: torch.tensor([1.0, 0.0]))
+    expect, _ = DEFENSES.build("fltrust")(clean, torch.ones(2), ctx)
+    assert torch.allclose(g, expect)
+    assert rep.reasons == {1: "nonfinite", 3: "nonfinite"} and rep.selected.tolist() == [True, False, True, False]
+
+
 def test_fltrust_needs_server_update():
     U = torch.randn(4, 3)
     with pytest.raises(PhalanxError, match="fltrust: needs ctx.server_update"):

@@ -45,17 +45,21 @@ class FLTrust(Aggregator):
         n0 = float(torch.linalg.vector_norm(g0.double()))
         if not np.isfinite(n0) or n0 == 0.0:
             raise PhalanxError(f"fltrust: the server update must be finite and non-zero, got norm {n0}")
-        norms = row_norms(Ua)
-        cos = (Ua @ g0).double() / (norms.clamp_min(1e-300) * n0)
-        trust = torch.relu(cos)
+        finite = torch.isfinite(Ua).all(1)  # a NaN/inf row earns no trust (NaN would poison the sum)
+        Uf = Ua if bool(finite.all()) else torch.where(finite[:, None], Ua, 0.0)
+        norms = row_norms(Uf)
+        cos = (Uf @ g0).double() / (norms.clamp_min(1e-300) * n0)
+        trust = torch.relu(cos) * finite.to(cos.device)
         total = float(trust.sum())
         if total > 0:
-            g = combine(trust * (n0 / norms.clamp_min(1e-300)) / total, Ua)
+            g = combine(trust * (n0 / norms.clamp_min(1e-300)) / total, Uf)
         else:
             g = torch.zeros(d, dtype=Ua.dtype, device=Ua.device)
-        return finite_or_raise(self.name, g), make_report(
-            self.name, U.shape[0], idx, trust, trust > 0, "negative_cosine", server_norm=n0,
-            all_untrusted=total == 0)
+        rep = make_report(self.name, U.shape[0], idx, trust, trust > 0, "negative_cosine", server_norm=n0,
+                          all_untrusted=total == 0)
+        for row in idx[~finite.cpu()].tolist():
+            rep.reasons[row] = "nonfinite"
+        return finite_or_raise(self.name, g), rep
 
 
 def _check_sign_params(name: str, coords, clustering: str) -> float:
