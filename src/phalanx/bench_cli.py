@@ -95,7 +95,8 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
             console.print(f"no table: {e}", highlight=False)
         if outcome.failed:
             label, err = outcome.failed[0]
-            _fail(f"{len(outcome.failed)} cell(s) failed; first: {label}: {err}")
+            _fail(f"{len(outcome.failed)} cell(s) failed (stored with their error; the report counts each as "
+                  f"accuracy 0 and lists them; a rerun tries them again); first: {label}: {err}")
     except PhalanxError as e:
         _fail(str(e))
 
