@@ -57,7 +57,7 @@ class CellRun:
     cell: str
     run_id: str
     rounds: list[dict]
-    error: str | None = None  # set when the cell's run failed (no finished run exists)
+    error: str | None = None  # set when the cell's newest run failed
 
     @property
     def scenario(self) -> tuple[str, str, float]:
