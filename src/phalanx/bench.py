@@ -317,6 +317,11 @@ def record_layout(store: Store, spec: GridSpec, cells: list[Cell]) -> None:
     db.execute("COMMIT")
 
 
+def _matches(cell: Cell, pattern: str) -> bool:
+    """Does ``attack/defense`` of the cell match the glob ``pattern``?"""
+    return fnmatch.fnmatchcase(f"{cell.coords['attack']}/{cell.coords['defense']}", pattern)
+
+
 def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: int | None = None,
              progress: Any = None, redo: Sequence[str] = ()) -> GridOutcome:
     """Run the cells of ``spec`` not yet done in ``db`` (at most ``limit``), then the leakage audit.
@@ -330,7 +335,7 @@ def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: 
     t0 = time.perf_counter()
     cells = expand(spec)
     for p in redo:
-        if not any(fnmatch.fnmatchcase(f"{c.coords['attack']}/{c.coords['defense']}", p) for c in cells):
+        if not any(_matches(c, p) for c in cells):
             raise ConfigError(f"redo: {p!r} matches no cell; patterns are ATTACK/DEFENSE globs over attacks "
                               f"{', '.join(spec.attacks)} and defenses {', '.join(spec.defenses)}")
     store = Store(db)
@@ -338,7 +343,7 @@ def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: 
     done = store.done_cells()
     todo, keys = [], set()
     for c in cells:
-        again = any(fnmatch.fnmatchcase(f"{c.coords['attack']}/{c.coords['defense']}", p) for p in redo)
+        again = any(_matches(c, p) for p in redo)
         if (again or c.key not in done) and c.key not in keys:
             keys.add(c.key)
             todo.append(c)
