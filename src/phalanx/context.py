@@ -48,6 +48,8 @@ class AttackContext:
     history: per-attack scratch space that persists across rounds (for example a previous direction).
     server_view: optional callable n -> RoundContext, the server's context for an n-row round
     (with its root update and validation data), so an omniscient attack can simulate the server.
+    honest_ids / own_ids: the client ids of the honest rows and of the malicious rows, in order
+    (None outside the simulator), so an attack can follow one client across partial participation.
     """
 
     own: torch.Tensor
@@ -58,6 +60,8 @@ class AttackContext:
     aggregator: Any = None
     history: dict[str, Any] = field(default_factory=dict)
     server_view: Callable[[int], RoundContext] | None = None
+    honest_ids: list[str] | None = None
+    own_ids: list[str] | None = None
 
     @property
     def m(self) -> int:

@@ -231,7 +231,9 @@ class Federation:
         actx = AttackContext(own=U[mal].clone(), n=U.shape[0], round=rnd, generator=gen,
                              global_params=self.params, aggregator=self.defense.as_attackers_see_it(),
                              history=self.attack_history,
-                             server_view=server_view)
+                             server_view=server_view,
+                             honest_ids=[self.client_ids[c] for c in chosen[~mal.numpy()]],
+                             own_ids=[self.client_ids[c] for c in chosen[mal.numpy()]])
         bad = self.attack(U[~mal].clone(), actx)
         if bad.shape != (int(mal.sum()), U.shape[1]):
             raise ConfigError(f"attack {self.cfg.attack.name!r} returned shape {tuple(bad.shape)}, "
