@@ -117,6 +117,7 @@ def sorted_column_map(U: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Te
     """g[j] = kernel(S)[j - start] where S [b, n] holds a block of columns of U, each sorted ascending.
 
     NaN sorts last (as +inf would), so up to the trimmed count of NaN rows cannot reach the result.
+    U is never modified: each block is sorted in a copy.
     """
     n, d = U.shape
     out = torch.empty(d, dtype=U.dtype, device=U.device)
@@ -131,7 +132,9 @@ def sorted_column_map(U: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Te
     def work(start: int, stop: int) -> None:
         for j in range(start, stop, bc):
             e = min(j + bc, stop)
-            S = np.ascontiguousarray(A[:, j:e].T)
+            # always a copy: when the block is already contiguous (d = 1, a column-major U),
+            # ascontiguousarray would hand back a view and the sort would shuffle the caller's rows
+            S = np.array(A[:, j:e].T, order="C", copy=True)
             S.sort(axis=1)
             out[j:e] = kernel(torch.from_numpy(S))
 
