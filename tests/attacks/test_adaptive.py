@@ -89,6 +89,28 @@ def test_distance_attack_gamma_is_the_largest_feasible(name, perturbation):
     assert cost(mu + (gamma + 1e-3) * p) > bound  # gamma is maximal to within the tolerance
     if perturbation == "sign":
         assert torch.equal(p.sign(), -mu.sign())
+    elif perturbation == "unit":
+        assert torch.allclose(p / p.norm(), -mu / mu.norm(), atol=1e-9)
+    else:
+        assert torch.allclose(p, honest.double().std(0), atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["minmax", "minsum"])
+def test_distance_attack_std_direction_is_plus_std_on_updates(name):
+    # The paper crafts mean - gamma * std on gradients; rows here are updates (-lr * gradient), so
+    # the crafted row moves by +std from the benign mean. The means have both signs and the stds
+    # differ per coordinate, so +std is neither +sign(mean), -sign(mean), +mean nor -mean.
+    g = torch.Generator().manual_seed(1)
+    mean = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, -0.5])
+    scale = torch.tensor([0.1, 0.4, 1.0, 0.2, 0.7, 0.05])
+    honest = mean + scale * torch.randn(12, 6, generator=g)
+    attack = ATTACKS.build(name, perturbation="std")
+    out = attack(honest, make_ctx(torch.zeros(3, 6), n=15))
+    moved = out[0].double() - honest.double().mean(0)
+    std = honest.double().std(0)
+    assert attack.last["gamma"] > 0
+    assert torch.equal(moved.sign(), std.sign())  # + std on every coordinate
+    assert torch.allclose(moved, attack.last["gamma"] * std, rtol=1e-5, atol=1e-6)
 
 
 def test_fang_trmean_values_lie_beyond_the_honest_extremes():

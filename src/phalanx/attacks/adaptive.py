@@ -3,7 +3,8 @@
 * ``alie``        -- A Little Is Enough (Baruch et al., NeurIPS 2019): ``mean + z * std`` of the
   updates, which is the ``mean - z * std`` of the gradients in the paper (an update is -lr * grad).
 * ``ipm``         -- Inner Product Manipulation (Xie et al., UAI 2020): ``-epsilon * mean``.
-* ``minmax`` / ``minsum`` -- the AGR-agnostic attacks of Shejwalkar & Houmansadr (NDSS 2021).
+* ``minmax`` / ``minsum`` -- the AGR-agnostic attacks of Shejwalkar & Houmansadr (NDSS 2021):
+  ``mean + gamma * p`` of the updates, p = +std (the paper's -std of the gradients), -unit or -sign.
 * ``fang_krum`` / ``fang_trmean`` -- Fang et al. (USENIX Security 2020), full knowledge.
 * ``mimic``       -- Karimireddy et al. (ICLR 2022): every attacker copies one honest client.
 
@@ -242,7 +243,13 @@ def _halving(ok, gamma_init: float, tol: float) -> float:
 
 class DistanceAttack(Attack):
     """mean + gamma * p, with the largest gamma keeping the crafted row's max (min-max) or summed
-    (min-sum) squared distance to the benign rows within the benign rows' own max / max-sum."""
+    (min-sum) squared distance to the benign rows within the benign rows' own max / max-sum.
+
+    Shejwalkar & Houmansadr (and their reference code, ``our_attack_dist`` / ``our_attack_score``)
+    craft ``mean - gamma * deviation`` on gradients, with deviation ``std``, ``mean/|mean|`` or
+    ``sign(mean)``. phalanx rows are updates (``-lr * gradient``), so the perturbation p on updates
+    is ``+std`` (a std does not change sign with the rows), ``-mean/|mean|`` and ``-sign(mean)``
+    (the mean does). The same conversion as ALIE's ``mean + z * std``."""
 
     omniscient = True
 
@@ -253,8 +260,8 @@ class DistanceAttack(Attack):
     def __call__(self, honest: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
         B = _benign(self.name, honest, ctx).double()
         mu = B.mean(0)
-        if self.perturbation == "std":
-            p = -_std(B)
+        if self.perturbation == "std":  # -std on gradients is +std on updates
+            p = _std(B)
         elif self.perturbation == "unit":
             p = -mu / mu.norm().clamp_min(1e-30)
         else:
@@ -286,13 +293,15 @@ def _distance_attack(name, perturbation, gamma_init, tol) -> Attack:
 @ATTACKS.register("minmax")
 def minmax(perturbation: str = "std", gamma_init: float = 10.0, tol: float = 1e-5) -> Attack:
     """Min-Max (Shejwalkar & Houmansadr 2021): max distance to benign rows <= benign max distance.
-    perturbation: "std" (-std), "unit" (-mean/|mean|) or "sign" (-sign(mean))."""
+    perturbation, on updates: "std" (+std), "unit" (-mean/|mean|) or "sign" (-sign(mean)); that is
+    the paper's -std, -unit and -sign on gradients."""
     return _distance_attack("minmax", perturbation, gamma_init, tol)
 
 
 @ATTACKS.register("minsum")
 def minsum(perturbation: str = "std", gamma_init: float = 10.0, tol: float = 1e-5) -> Attack:
-    """Min-Sum (Shejwalkar & Houmansadr 2021): summed squared distance <= benign max sum."""
+    """Min-Sum (Shejwalkar & Houmansadr 2021): summed squared distance <= benign max sum.
+    perturbation as for :func:`minmax` (on updates: +std, -mean/|mean|, -sign(mean))."""
     return _distance_attack("minsum", perturbation, gamma_init, tol)
 
 
