@@ -3,4 +3,4 @@
 Importing this package registers every built-in attack and data poison.
 """
 
-from . import adaptive, backdoor, backdoor_updates, data_poisoning, model_poisoning  # noqa: F401
+from . import adaptive, backdoor, backdoor_updates, data_poisoning, mimic, model_poisoning  # noqa: F401

@@ -6,7 +6,8 @@
 * ``minmax`` / ``minsum`` -- the AGR-agnostic attacks of Shejwalkar & Houmansadr (NDSS 2021):
   ``mean + gamma * p`` of the updates, p = +std (the paper's -std of the gradients), -unit or -sign.
 * ``fang_krum`` / ``fang_trmean`` -- Fang et al. (USENIX Security 2020), full knowledge.
-* ``mimic``       -- Karimireddy et al. (ICLR 2022): every attacker copies one honest client.
+* ``mimic``       -- Karimireddy et al. (ICLR 2022), in ``mimic.py``: every attacker copies one
+  honest client.
 
 "Benign statistics" are computed over the honest rows; when a round has none (h = 0), over the
 attackers' own honest updates ``ctx.own``. Aggregator-aware attacks run ``ctx.aggregator`` when
@@ -403,55 +404,3 @@ def fang_trmean(b: float = 2.0) -> Attack:
     if b <= 1:
         raise PhalanxError(f"fang_trmean: b must be a number > 1, got {b!r}")
     return FangTrmean(float(b))
-
-
-# ---- Mimic (Karimireddy, He & Jaggi 2022) ------------------------------------------------------
-
-class Mimic(Attack):
-    """Every attacker sends a copy of one honest row. With ``target`` set, that row index; else the
-    paper's heuristic: z = top principal direction of the centered honest rows (power iteration,
-    refined over the first ``warmup`` rounds), target = argmax_i |<z, x_i - mean>|, then kept fixed.
-    The target is an index into the round's honest rows (kept in ``ctx.history``)."""
-
-    name, omniscient = "mimic", True
-
-    def __init__(self, target, warmup, iters=20):
-        self.target, self.warmup, self.iters, self.last = target, warmup, iters, {}
-
-    def __call__(self, honest: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
-        check_inputs(self.name, honest, ctx)
-        h = honest.shape[0]
-        if h == 0:
-            raise PhalanxError("mimic: needs at least one honest row to copy, got h=0")
-        if self.target is not None:
-            if self.target >= h:
-                raise PhalanxError(f"mimic: target must be < h={h} honest rows, got {self.target}")
-            i = self.target
-        else:
-            hist = ctx.history
-            i = hist.get("mimic_target")
-            if i is None or i >= h or ctx.round < self.warmup:
-                C = honest.double() - honest.double().mean(0)
-                z = hist.get("mimic_z")
-                if z is None or z.numel() != C.shape[1]:
-                    z = torch.randn(C.shape[1], generator=ctx.generator, dtype=torch.float64)
-                for _ in range(self.iters):
-                    z = C.T @ (C @ z)
-                    z = z / z.norm().clamp_min(1e-300)
-                hist["mimic_z"] = z
-                i = int((C @ z).abs().argmax())
-                hist["mimic_target"] = i
-        self.last = {"target": i}
-        return _repeat(honest[i], ctx.m)
-
-    def __repr__(self) -> str:
-        return f"Mimic(target={self.target}, warmup={self.warmup})"
-
-
-@ATTACKS.register("mimic")
-def mimic(target: int | None = None, warmup: int = 1) -> Attack:
-    """Mimic (Karimireddy et al. 2022): copy honest row ``target``, or the heuristic's choice."""
-    if target is not None:
-        check_int("mimic", "target", target)
-    check_int("mimic", "warmup", warmup)
-    return Mimic(target, warmup)
