@@ -2,21 +2,25 @@
 
 Random draws in the simulator are derived from (seed, round, client), so the state is small:
 the round number, the global parameters, every stateful defense stage's ``state_dict``, the
-attack's cross-round memory, the run id in the store, and the global torch RNG state. Files are
-written atomically (write to a temporary file, then rename).
+attack's cross-round memory (and its ``state_dict`` when it has one), the DP-SGD accountant's
+steps per client, the first round each client was quarantined, the run id in the store, and the
+global torch, NumPy and Python RNG states. Files are written atomically (write to a temporary
+file, then rename).
 """
 
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import PhalanxError
 
-FORMAT = 1
+FORMAT = 2
 
 
 def save_checkpoint(path: str | Path, fed, run_id: str | None = None, extra: dict | None = None) -> None:
@@ -29,7 +33,12 @@ def save_checkpoint(path: str | Path, fed, run_id: str | None = None, extra: dic
         "params": fed.params.clone(),
         "defense": fed.defense.state_dict(),
         "attack_history": fed.attack_history,
+        "attack_state": fed.attack.state_dict() if hasattr(fed.attack, "state_dict") else None,
+        "dp_steps": dict(getattr(fed, "dp_steps", {})),
+        "first_quarantine": dict(fed.first_quarantine),
         "torch_rng": torch.random.get_rng_state(),
+        "numpy_rng": np.random.get_state(),
+        "python_rng": random.getstate(),
         "run_id": run_id,
         "extra": extra or {},
     }
@@ -63,4 +72,12 @@ def restore(fed, state: dict[str, Any]) -> None:
     fed.defense.load_state_dict(state["defense"])
     fed.attack_history.clear()
     fed.attack_history.update(state["attack_history"])
+    if state.get("attack_state") is not None:
+        fed.attack.load_state_dict(state["attack_state"])
+    if hasattr(fed, "dp_steps"):
+        fed.dp_steps.update(state["dp_steps"])
+    fed.first_quarantine.clear()
+    fed.first_quarantine.update(state["first_quarantine"])
     torch.random.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    random.setstate(state["python_rng"])

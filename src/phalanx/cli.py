@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -38,8 +39,9 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
         db: Path = typer.Option(Path("results/phalanx.db"), help="SQLite results store"),
         quiet: bool = typer.Option(False, "--quiet", help="no per-round lines"),
         checkpoint: Optional[Path] = typer.Option(
-            None, help="checkpoint file, saved every round (default: beside the store)"),
-        resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint after a kill")):
+            None, help="checkpoint file, saved every round (default: checkpoints/RUN_ID.pt beside the store)"),
+        resume: bool = typer.Option(False, "--resume", help="continue the newest interrupted run of this "
+                                    "config from its checkpoint")):
     """Run one experiment, with a progress bar and a final summary table."""
     import phalanx  # noqa: F401  (registers everything)
     from .checkpoint import load_checkpoint
@@ -51,11 +53,15 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
         cfg = load_config(config, set_ or [])
         fedn = Federation(cfg)
         store = Store(db)
-        checkpoint = checkpoint or db.parent / "checkpoints" / f"{cfg.name}-seed{cfg.seed}.pt"
-        if not resume and checkpoint.exists():
-            checkpoint.unlink()
-        elif resume and not checkpoint.exists():
-            fail(f"--resume: no checkpoint at {checkpoint}")
+        if resume:
+            run_id, checkpoint = resumable_run(store, cfg, db, checkpoint)
+            console.print(f"resuming run {run_id} from {checkpoint}", highlight=False)
+        else:  # a fresh run id, and a checkpoint path of its own: two runs of one config never share one
+            run_id = store.start_run(cfg.model_dump(), cfg.name, cfg.seed)
+            checkpoint = checkpoint or checkpoint_path(db, run_id)
+            if checkpoint.exists():
+                checkpoint.unlink()
+        console.print(f"run {run_id}", highlight=False)
         rounds = cfg.federation.rounds
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -74,10 +80,38 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
                                           f"({m['seconds']:.1f}s)", highlight=False)
                 bar.advance(task)
 
-            final = fedn.run(store, on_round=on_round, checkpoint=checkpoint)
+            try:
+                final = fedn.run(store, run_id=run_id, on_round=on_round, checkpoint=checkpoint)
+            except KeyboardInterrupt:
+                bar.stop()
+                console.print(f"[bold yellow]interrupted[/] after round {fedn.round}; run {run_id} is marked "
+                              f"'interrupted'. Resume with: phalanx run {config} --db {db} --resume"
+                              + "".join(f" --set {s}" for s in set_ or []), highlight=False)
+                raise typer.Exit(130)
         summary(cfg, final, fedn.run_id, db)
     except PhalanxError as e:
         fail(str(e))
+
+
+def checkpoint_path(db: Path, run_id: str) -> Path:
+    return db.parent / "checkpoints" / f"{run_id}.pt"
+
+
+def resumable_run(store, cfg, db: Path, checkpoint: Path | None) -> tuple[str, Path]:
+    """The newest unfinished run of this exact config that has a checkpoint: (run id, checkpoint)."""
+    from .checkpoint import load_checkpoint
+    from .store import dumps
+
+    if checkpoint is not None:
+        if not checkpoint.exists():
+            fail(f"--resume: no checkpoint at {checkpoint}")
+        return load_checkpoint(checkpoint)["run_id"], checkpoint
+    want = cfg.model_dump()
+    for r in reversed(store.runs()):
+        if r["status"] in ("running", "interrupted", "failed") and checkpoint_path(db, r["run_id"]).exists():
+            if store.read_run(r["run_id"]).config == json.loads(dumps(want)):
+                return r["run_id"], checkpoint_path(db, r["run_id"])
+    fail(f"--resume: no unfinished run of this config with a checkpoint in {db.parent / 'checkpoints'}")
 
 
 def summary(cfg, final: dict, run_id: str, db: Path) -> None:

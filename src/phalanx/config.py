@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, POISONS
@@ -145,6 +145,31 @@ class ExperimentConfig(Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     defense: list[DefenseItem] = Field(default_factory=lambda: ["mean"])
+    defense_f: Union[StrictInt, StrictFloat, Literal["auto"]] = Field(
+        "auto", description="the server's own guess of the Byzantine count among a round's rows, given to "
+        "every f-parametrised stage: a count, a fraction < 1 of the round's clients, or 'auto' = "
+        "floor((n - 1) / 4). Never the attack's true count.")
+
+    @field_validator("defense_f")
+    @classmethod
+    def _f_guess(cls, v):
+        if isinstance(v, bool) or (not isinstance(v, str) and v < 0):
+            raise ValueError(f"a count >= 0, a fraction < 1 or 'auto', got {v!r}")
+        if isinstance(v, float) and v >= 1 and not v.is_integer():
+            raise ValueError(f"a fraction must be < 1 (or give a whole count), got {v!r}")
+        return v
+
+    def server_f(self) -> int:
+        """The f the server assumes for a round of ``clients_per_round`` (or all) clients."""
+        k = self.federation.clients_per_round or self.federation.num_clients
+        v = self.defense_f
+        if v == "auto":
+            return max(0, (k - 1) // 4)
+        if isinstance(v, float) and v < 1:
+            return int(round(v * k))
+        if v > k:
+            raise ConfigError(f"defense_f: at most the {k} clients of a round, got {v}")
+        return int(v)
 
     @field_validator("defense")
     @classmethod

@@ -27,7 +27,7 @@ from .context import AttackContext, RoundContext
 from .data import Dataset, load_dataset, partition
 from .defenses.pipeline import build_defense
 from .defenses.validate import robust_z
-from .errors import ConfigError
+from .errors import ConfigError, PhalanxError
 from .metrics import client_stats, detection
 from .models import build_model
 from .registry import ATTACKS, POISONS
@@ -100,8 +100,7 @@ class Federation:
             for j, c in enumerate(order[:nbyz].tolist()):
                 split = getattr(self.poison, "for_client", None)
                 self.poisons[c] = split(j, nbyz) if split else self.poison
-        k = fed.clients_per_round or fed.num_clients
-        self.expected_f = int(round(nbyz * k / fed.num_clients))
+        self.server_f = cfg.server_f()  # the server's own guess, never the attack's true count
         self.signers: dict[str, Any] = {}
         inject: dict[str, Any] = {}
         if fed.signing:  # every client gets an ECDSA key; rows are signed as clients would
@@ -110,7 +109,8 @@ class Federation:
             registry = KeyRegistry()
             self.signers = {cid: ClientSigner(cid, registry.generate(cid)) for cid in self.client_ids}
             inject = {"registry": registry, "run_id": cfg.name}
-        self.defense = build_defense(cfg.defense, f=self.expected_f, **inject)
+        self.defense = build_defense(cfg.defense, f=self.server_f, **inject)
+        self.uses_f = any(getattr(stage, "f", None) is not None for stage in self.defense.stages)
         self.spec = LocalSpec(fed.local_epochs, fed.batch_size, fed.lr, fed.momentum, fed.weight_decay,
                               fed.local_steps)
         self.hooks = hooks or Hooks()
@@ -364,24 +364,34 @@ class Federation:
             run_id = run_id or state["run_id"]
             if store is not None and run_id is not None:
                 store.truncate_after(run_id, self.round - 1)
+                store.reopen_run(run_id)
                 store.log_event(run_id, self.round, "resumed", {"from_round": self.round})
         if store is not None and run_id is None:
             run_id = store.start_run(self.cfg.model_dump(), self.cfg.name, self.cfg.seed, cell=cell)
         self.run_id = run_id
         last: dict[str, Any] = {}
-        for rnd in range(self.round, self.cfg.federation.rounds):
-            res = self.run_round(rnd)
-            last.update(res.metrics)
-            if store is not None:
-                store.log_round(run_id, rnd, res.metrics)
-                store.log_clients(run_id, rnd, res.clients)
-                for ev_round, kind, detail in self.events:
-                    store.log_event(run_id, ev_round, kind, detail)
-            self.events.clear()
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, self, run_id)
-            if on_round is not None:
-                on_round(res)
+        try:
+            for rnd in range(self.round, self.cfg.federation.rounds):
+                res = self.run_round(rnd)
+                last.update(res.metrics)
+                if store is not None:
+                    store.log_round(run_id, rnd, res.metrics)
+                    store.log_clients(run_id, rnd, res.clients)
+                    for ev_round, kind, detail in self.events:
+                        store.log_event(run_id, ev_round, kind, detail)
+                self.events.clear()
+                if checkpoint is not None:
+                    save_checkpoint(checkpoint, self, run_id)
+                if on_round is not None:
+                    on_round(res)
+        except BaseException as e:  # never leave the run 'running': Ctrl-C/SIGTERM or an error
+            if store is not None and run_id is not None:
+                interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
+                why = "interrupted" if interrupted else (str(e) if isinstance(e, PhalanxError)
+                                                         else f"{type(e).__name__}: {e}")
+                store.finish_run(run_id, {"error": why, "round": self.round},
+                                 status="interrupted" if interrupted else "failed")
+            raise
         if not last and store is not None and run_id is not None:  # resumed after the last round
             rounds = store.read_run(run_id).rounds
             last = rounds[-1] if rounds else {}
@@ -392,6 +402,8 @@ class Federation:
             final["quarantined_attackers"] = len(caught)
             final["rounds_to_quarantine"] = float(np.mean(caught)) + 1 if caught else None
         final.update({k: v for k, v in last.items() if k.startswith(("asr", "epsilon"))})
+        if self.uses_f:
+            final["defense_f"] = self.server_f
         if store is not None:
             store.finish_run(run_id, final)
         return final

@@ -137,6 +137,10 @@ class Store:
         self.db.execute("UPDATE runs SET ended=?, status=?, final=? WHERE run_id=?",
                         (time.time(), status, dumps(final), run_id))
 
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a run 'running' again (it resumes from a checkpoint)."""
+        self.db.execute("UPDATE runs SET ended=NULL, status='running' WHERE run_id=?", (run_id,))
+
     def truncate_after(self, run_id: str, rnd: int) -> None:
         """Forget rounds after ``rnd`` (used when a run resumes from a checkpoint)."""
         self.db.execute("DELETE FROM rounds WHERE run_id=? AND round>?", (run_id, rnd))
