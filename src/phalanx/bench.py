@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS bench_cells (
 CREATE TABLE IF NOT EXISTS bench_privacy (
     probe TEXT PRIMARY KEY, rule TEXT, seed INTEGER, psnr REAL, ssim REAL, label_acc REAL,
     seconds REAL, at REAL);
+CREATE TABLE IF NOT EXISTS bench_claims (
+    cell TEXT PRIMARY KEY, owner TEXT NOT NULL, host TEXT, pid INTEGER, at REAL);
 CREATE TABLE IF NOT EXISTS bench_privacy_map (
     grid TEXT NOT NULL, defense TEXT NOT NULL, seed INTEGER NOT NULL, probe TEXT NOT NULL,
     PRIMARY KEY (grid, defense, seed));
@@ -94,6 +96,9 @@ class GridSpec(_Strict):
     attacks: dict[str, AttackSpec] = Field(min_length=1)
     defenses: dict[str, DefenseSpec] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    defense_f: list[Union[int, float, Literal["auto"]]] | None = Field(
+        None, min_length=1, description="the server's guesses of f; with several, each defense that uses f "
+        "gets one row per guess, labelled 'DEFENSE f=GUESS'")
     workers: int = Field(1, ge=1)
     baseline: str | None = Field(None, description="defense label of the reference (default: [mean])")
     privacy: PrivacySpec | None = None
@@ -208,9 +213,9 @@ def expand(spec: GridSpec) -> list[Cell]:
         PartitionSpec(**{k: v for k, v in data.items() if k in PartitionSpec.model_fields})]
     fractions = spec.byzantine or [base.get("attack", {}).get("byzantine", 0.0)]
     cells, seen = [], set()
-    for ds, part, byz, (alabel, a), dlabel, seed in itertools.product(
-            datasets, partitions, fractions, spec.attacks.items(), spec.defenses, spec.seeds):
-        d = spec.defenses[dlabel]
+    for ds, part, byz, (alabel, a), (dlabel, dname, guess), seed in itertools.product(
+            datasets, partitions, fractions, spec.attacks.items(), defense_rows(spec), spec.seeds):
+        d = spec.defenses[dname]
         coords = {"dataset": ds, "partition": part.label(), "byzantine": float(byz), "attack": alabel,
                   "family": a.family, "defense": dlabel, "seed": seed}
         if tuple(coords.values()) in seen:
@@ -221,6 +226,8 @@ def expand(spec: GridSpec) -> list[Cell]:
         _merge(raw, "federation", {**d.federation, **a.federation})
         raw.update(attack={**a.model_dump(exclude={"family", "federation"}), "byzantine": byz},
                    defense=copy.deepcopy(d.stages), seed=seed, name=f"{spec.name}/{alabel}/{dlabel}/s{seed}")
+        if guess is not None:
+            raw["defense_f"] = guess
         try:
             cfg = parse_config(raw)
         except ConfigError as e:
@@ -228,6 +235,35 @@ def expand(spec: GridSpec) -> list[Cell]:
         cells.append(Cell(cell_key(cfg), cfg.model_dump(mode="json"), coords, cfg.federation.rounds))
     _check_buildable(cells)
     return cells
+
+
+def uses_f(stages: list) -> bool:
+    """Does any stage of this defense take the server's f (a guess of the Byzantine count)?"""
+    from .defenses.pipeline import build_defense
+
+    try:
+        pipe = build_defense(copy.deepcopy(stages), f=1, **_signing_inject())
+    except PhalanxError:
+        return True  # _check_buildable names the problem
+    return any(getattr(stage, "f", None) is not None for stage in pipe.stages)
+
+
+def defense_rows(spec: GridSpec) -> list[tuple[str, str, Any]]:
+    """(row label, defense label, f guess or None) for each row of the grid's defenses."""
+    guesses = spec.defense_f or [None]
+    rows = []
+    for dlabel, d in spec.defenses.items():
+        if len(guesses) > 1 and uses_f(d.stages):
+            rows += [(f"{dlabel} f={g}", dlabel, g) for g in guesses]
+        else:
+            rows.append((dlabel, dlabel, guesses[0]))
+    return rows
+
+
+def _signing_inject() -> dict[str, Any]:
+    from .defenses.signing import KeyRegistry
+
+    return {"registry": KeyRegistry(), "run_id": "check"}
 
 
 def _check_buildable(cells: list[Cell]) -> None:
@@ -246,12 +282,7 @@ def _check_buildable(cells: list[Cell]) -> None:
         try:
             if cfg["attack"]["name"]:
                 ATTACKS.build(cfg["attack"]["name"], **cfg["attack"]["params"])
-            inject: dict[str, Any] = {}
-            if cfg["federation"].get("signing"):
-                from .defenses.signing import KeyRegistry
-
-                inject = {"registry": KeyRegistry(), "run_id": cfg["name"]}
-            build_defense(cfg["defense"], f=0, **inject)
+            build_defense(cfg["defense"], f=0, **(_signing_inject() if cfg["federation"].get("signing") else {}))
         except PhalanxError as e:
             raise ConfigError(f"cell attack={c.coords['attack']}, defense={c.coords['defense']}: {e}") from None
 
@@ -317,6 +348,65 @@ def record_layout(store: Store, spec: GridSpec, cells: list[Cell]) -> None:
     db.execute("COMMIT")
 
 
+class Claims:
+    """Cells claimed atomically in the store, so that several ``bench`` processes on one database
+    split the work instead of each running every cell. A claim whose owner process is gone (killed)
+    is stale: the cell is claimed again and its run left 'running' is marked 'interrupted'."""
+
+    def __init__(self, store: Store, since: float):
+        import os
+        import socket
+        import uuid
+
+        self.db, self.since = store.db, since
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.owner = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
+
+    def _alive(self, host: str, pid: int) -> bool:
+        import os
+
+        if host != self.host:
+            return True  # another machine's claim: trust it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def take(self, key: str, again: bool) -> bool:
+        """Claim ``key`` unless another live process holds it, or it is done (since this grid began
+        when ``again``: a redo by two processes still runs once)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT owner, host, pid FROM bench_claims WHERE cell=?", (key,)).fetchone()
+            if row is not None and row[0] != self.owner and self._alive(row[1], row[2]):
+                db.execute("ROLLBACK")
+                return False
+            since = self.since if again else 0.0
+            if db.execute("SELECT 1 FROM runs WHERE cell=? AND status='done' AND ended>=?", (key, since)).fetchone():
+                db.execute("ROLLBACK")
+                return False
+            db.execute("UPDATE runs SET status='interrupted' WHERE cell=? AND status='running'", (key,))
+            db.execute("INSERT OR REPLACE INTO bench_claims VALUES (?,?,?,?,?)",
+                       (key, self.owner, self.host, self.pid, time.time()))
+            db.execute("COMMIT")
+            return True
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def release(self, keys: Sequence[str], interrupted: bool = False) -> None:
+        """Drop our claims on ``keys``; with ``interrupted``, their runs still 'running' say so."""
+        for key in keys:
+            if interrupted:
+                self.db.execute("UPDATE runs SET status='interrupted', ended=? WHERE cell=? AND status='running'",
+                                (time.time(), key))
+            self.db.execute("DELETE FROM bench_claims WHERE cell=? AND owner=?", (key, self.owner))
+
+
 def _matches(cell: Cell, pattern: str) -> bool:
     """Does ``attack/defense`` of the cell match the glob ``pattern``?"""
     return fnmatch.fnmatchcase(f"{cell.coords['attack']}/{cell.coords['defense']}", pattern)
@@ -340,34 +430,42 @@ def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: 
                               f"{', '.join(spec.attacks)} and defenses {', '.join(spec.defenses)}")
     store = Store(db)
     record_layout(store, spec, cells)
+    claims = Claims(store, since=time.time())
     done = store.done_cells()
     todo, keys = [], set()
     for c in cells:
         again = any(_matches(c, p) for p in redo)
         if (again or c.key not in done) and c.key not in keys:
             keys.add(c.key)
-            todo.append(c)
+            todo.append((c, again))
     out = GridOutcome(total=len(cells), skipped=len(cells) - len(todo))
     if limit is not None:
         todo = todo[:limit]
     probes = plan_privacy(store, spec) if limit is None else []
     workers = workers or spec.workers
     if progress:
-        progress.start(todo, len(probes))
+        progress.start([c for c, _ in todo], len(probes))
     pdict = spec.privacy.model_dump() if spec.privacy else {}
     restore = _sigterm_interrupts()
+    held: list[str] = []  # the cells this process has claimed and not finished
     try:
         if workers <= 1:
             _init_worker()
-            for c in todo:
+            for c, again in todo:
+                if not claims.take(c.key, again):
+                    _elsewhere(out, c, progress)
+                    continue
+                held.append(c.key)
                 _collect(out, store, c, run_cell(c.key, c.config, str(db), _advancer(progress)), progress)
+                claims.release([held.pop()])
             for key, rule, seed in probes:
                 store_probe(store, out, rule, seed, run_probe(key, rule, seed, pdict), progress)
         else:
-            _run_parallel(out, store, todo, probes, pdict, str(db), workers, progress)
+            _run_parallel(out, store, todo, probes, pdict, str(db), workers, progress, claims, held)
     except KeyboardInterrupt:
         out.interrupted = True
     finally:
+        claims.release(held, interrupted=True)
         restore()
         if str(db) in _STORES:  # the in-process worker's connection
             _STORES.pop(str(db)).close()
@@ -405,30 +503,51 @@ def _collect(out: GridOutcome, store: Store, cell: Cell, res: dict, progress) ->
         progress.cell_done(cell, res)
 
 
-def _run_parallel(out, store, todo, probes, pdict, db, workers, progress) -> None:
+def _elsewhere(out: GridOutcome, cell: Cell, progress) -> None:
+    """Another process claimed the cell (or finished it meanwhile): this one leaves it."""
+    out.skipped += 1
+    if progress:
+        progress.cell_done(cell, {"status": "elsewhere"})
+
+
+def _run_parallel(out, store, todo, probes, pdict, db, workers, progress, claims, held) -> None:
+    """Cells are claimed one at a time as a worker frees up, so parallel grids split the work."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue() if progress else None
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
     try:
-        futures = {pool.submit(run_cell, c.key, c.config, db): ("cell", c) for c in todo}
-        futures.update({pool.submit(run_probe, key, rule, seed, pdict): ("probe", (rule, seed))
-                        for key, rule, seed in probes})
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+        futures = {pool.submit(run_probe, key, rule, seed, pdict): ("probe", (rule, seed))
+                   for key, rule, seed in probes}
+        waiting = list(todo)
+
+        def feed() -> None:
+            while waiting and sum(kind == "cell" for kind, _ in futures.values()) < workers:
+                c, again = waiting.pop(0)
+                if claims.take(c.key, again):
+                    held.append(c.key)
+                    futures[pool.submit(run_cell, c.key, c.config, db)] = ("cell", c)
+                else:
+                    _elsewhere(out, c, progress)
+
+        feed()
+        while futures:
+            finished, _ = wait(set(futures), timeout=0.25, return_when=FIRST_COMPLETED)
             _drain(queue, progress)
             for f in finished:
-                kind, item = futures[f]
+                kind, item = futures.pop(f)
                 try:
                     res = f.result()
                 except Exception as e:  # a worker died (out of memory, killed)
                     res = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}", "probe": ""}
                 if kind == "cell":
                     _collect(out, store, item, res, progress)
+                    held.remove(item.key)
+                    claims.release([item.key])
                 else:
                     store_probe(store, out, *item, res, progress)
+            feed()
         _drain(queue, progress)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

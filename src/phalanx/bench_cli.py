@@ -48,7 +48,7 @@ class RichProgress:
         self.done += 1
         rest = self.rounds.get(cell.key, 0) - self.seen.get(cell.key, 0)
         self.bar.update(self.cells, advance=max(0, rest), info=f"{self.done}/{self.n} cells")
-        if result["status"] != "done":
+        if result["status"] not in ("done", "elsewhere"):
             self.bar.console.print(f"[red]failed[/] {cell.label}: {result.get('error', '')}", highlight=False)
 
     def probe_done(self) -> None:
@@ -80,7 +80,7 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
             outcome = run_grid(spec, db, workers=workers, limit=limit, progress=bar, redo=redo or [])
         finally:
             bar.stop()
-        console.print(f"{spec.name}: {outcome.total} cells, {outcome.skipped} already done, {outcome.ran} run, "
+        console.print(f"{spec.name}: {outcome.total} cells, {outcome.skipped} already done (or taken by another process), {outcome.ran} run, "
                       f"{len(outcome.failed)} failed, {outcome.probes} leakage probes, "
                       f"{outcome.seconds:.1f} s; stored in {db}", highlight=False)
         if outcome.interrupted:
