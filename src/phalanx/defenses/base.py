@@ -3,7 +3,16 @@
 * A **layer** maps ``(U [n, d], w [n], ctx) -> (U', w', report)``. ``w`` holds a non-negative
   weight per row; weight 0 means the row is rejected and later stages ignore it.
 * An **aggregator** maps ``(U, w, ctx) -> (g [d], report)``. Rows with weight 0 are ignored.
-* A **post** step maps ``(g, ctx) -> (g', report)`` (for example central-DP noise).
+* A **post** step maps ``(g, ctx) -> (g', report)`` (for example central-DP noise). A post step
+  that must know what reached the aggregator (central DP calibrates its noise to it) sets
+  ``needs_aggregate_info``; the pipeline then hands it an ``AggregateInfo`` in
+  ``ctx.extras[AGGREGATE_INFO]`` (on a copy of ctx) and calls its ``check_pipeline`` when built.
+
+Norm bounds: a layer that guarantees every row it accepts has L2 norm at most some C sets
+``bounds_norm = True`` and reports C as ``report.info["norm_bound"]``. A layer that never grows a
+row's norm and reads only that row (pruning) sets ``nonexpansive = True``; a layer known to
+break any bound (additive noise) sets ``breaks_norm_bound = True``. The pipeline tracks the bound
+through the layers (``AggregateInfo.norm_bound``).
 
 Every report names, per row, why it was rejected and (optionally) a score, so monitoring can
 show who was trusted.
@@ -50,6 +59,37 @@ class Report:
         return out
 
 
+AGGREGATE_INFO = "phalanx.aggregate_info"
+
+
+@dataclass(frozen=True)
+class AggregateInfo:
+    """What reached a pipeline's aggregator, for the post steps that need it.
+
+    weights: [n] the weights the aggregator was given (0 = rejected); a copy.
+    norm_bound: C such that every accepted row has L2 norm <= C, or None when no layer
+      guarantees one (or a later layer changed the accepted rows).
+    bound_by: name of the layer that set ``norm_bound``. lost_by: name of the later layer that
+      changed the accepted rows and so dropped the bound (None when it was kept).
+    aggregator: the aggregator stage itself.
+    """
+
+    weights: torch.Tensor
+    norm_bound: float | None
+    bound_by: str | None
+    lost_by: str | None
+    aggregator: Any
+
+
+def is_weighted_mean(aggregator) -> bool:
+    """True when ``aggregator`` returns sum_i p_i U_i with p_i = w_i / sum_j w_j over the accepted
+    rows: its own ``linear`` attribute when it has one, else the registered plain ``mean``."""
+    linear = getattr(aggregator, "linear", None)
+    if isinstance(linear, bool):
+        return linear
+    return getattr(aggregator, "name", None) == "mean"
+
+
 class Stage:
     """Common base: a name and (empty) state for checkpointing."""
 
@@ -68,6 +108,9 @@ class Stage:
 
 class Layer(Stage):
     name = "layer"
+    bounds_norm = False  # every accepted row it returns has norm <= report.info["norm_bound"]
+    nonexpansive = False  # each output row depends on its own input row only, never with a larger norm
+    breaks_norm_bound = False  # known to return rows of unbounded norm (additive noise)
 
     def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
         raise NotImplementedError
@@ -82,6 +125,10 @@ class Aggregator(Stage):
 
 class Post(Stage):
     name = "post"
+    needs_aggregate_info = False
+
+    def check_pipeline(self, layers: list, aggregator) -> None:
+        """Raise PhalanxError when this step cannot work after these layers and aggregator."""
 
     def __call__(self, g: torch.Tensor, ctx: RoundContext):
         raise NotImplementedError

@@ -2,6 +2,11 @@
 
 The tracked quantile follows Andrew et al. (NeurIPS 2021, "Differentially private learning with
 adaptive clipping"): C <- C * exp(-eta * (b - q)), where b is the fraction of norms at most C.
+Unlike that paper, b is not noised: the tracked bound depends on past rounds' norms.
+
+Every accepted row leaves with norm at most the round's bound, reported as ``info["norm_bound"]``
+(what central DP calibrates its noise to). The tracked bound is the layer's state
+(``state_dict`` / ``load_state_dict``), so a resumed run clips exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .base import Layer, Report, active, check_positive
 
 class Clip(Layer):
     name = "clip"
+    bounds_norm = True
 
     def __init__(self, max_norm: float | str = "auto", quantile: float = 0.5, eta: float = 0.2,
                  initial: float = 1.0):
@@ -58,15 +64,22 @@ class Clip(Layer):
         report.scores = torch.full((U.shape[0],), float("nan"), dtype=torch.float64)
         report.scores[idx] = norms
         report.selected = w > 0
-        report.info.update(bound=bound, clipped=int((scale < 1).sum()))
+        report.info.update(bound=bound, norm_bound=bound, clipped=int((scale < 1).sum()))
         return U, w, report
 
     def state_dict(self) -> dict[str, Any]:
         return {"bound": self.bound}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or set(state) - {"bound"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise PhalanxError(f"clip: state must have the key 'bound' only, got {got}")
         if "bound" in state:
-            self.bound = float(state["bound"])
+            bound = state["bound"]
+            if (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                    or not math.isfinite(bound) or not bound > 0):
+                raise PhalanxError(f"clip: state 'bound' must be a finite number > 0, got {bound!r}")
+            self.bound = float(bound)
 
 
 @DEFENSES.register("clip")

@@ -4,9 +4,10 @@
 * ``clip_update``: L2 clipping of each update (registered as ``update_clip``).
 * ``prune``: gradient pruning / sparsification, zeroing the smallest entries (Zhu et al. 2019).
 * ``central_dp``: DP-FedAvg (McMahan et al. 2018, "Learning differentially private recurrent
-  language models"): with every client update clipped to L2 norm ``clip`` (an ``update_clip``
-  layer) and averaged, Gaussian noise of std ``z * clip / n_sampled`` is added to the mean, and
-  the privacy loss over rounds is tracked with Opacus' RDP accountant (Mironov 2017).
+  language models"): with every accepted update clipped to L2 norm C (an ``update_clip`` or
+  ``clip`` layer) and combined by a weighted mean, Gaussian noise of std ``z * 2 C max_i p_i`` is
+  added to the mean (``CentralDP`` derives this sensitivity), and the privacy loss over rounds is
+  tracked with Opacus' RDP accountant (Mironov 2017) at noise multiplier z.
 * DP-SGD (Abadi et al. 2016): per-sample clipping plus Gaussian noise, with Opacus doing the
   training (``make_private``, ``dp_sgd_train``) and the accounting (``dp_epsilon``,
   ``noise_for_epsilon``); ``dp_sgd_gradient`` privatises one gradient step for leakage audits.
@@ -25,7 +26,7 @@ from torch import nn
 from ..context import RoundContext
 from ..errors import PhalanxError
 from ..registry import DEFENSES
-from .base import Layer, Post, Report, check_positive
+from .base import AGGREGATE_INFO, Layer, Post, Report, check_positive, is_weighted_mean
 
 NOISE_KINDS = ("gaussian", "laplace")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -119,6 +120,7 @@ class GradNoise(Layer):
     """Adds noise to every update row (what noisy clients would send)."""
 
     name = "grad_noise"
+    breaks_norm_bound = True
 
     def __init__(self, sigma: float, kind: str = "gaussian"):
         self.sigma = check_positive(self.name, "sigma", sigma)
@@ -136,6 +138,7 @@ class UpdateClip(Layer):
     """Clips each update row to L2 norm ``max_norm``; scores are the norms before clipping."""
 
     name = "update_clip"
+    bounds_norm = True
 
     def __init__(self, max_norm: float):
         self.max_norm = check_positive(self.name, "max_norm", max_norm)
@@ -143,7 +146,8 @@ class UpdateClip(Layer):
     def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
         norms = U.double().norm(dim=1)
         rep = Report(self.name, U.shape[0], scores=norms.float(),
-                     info={"max_norm": self.max_norm, "clipped": int((norms > self.max_norm).sum())})
+                     info={"max_norm": self.max_norm, "norm_bound": self.max_norm,
+                           "clipped": int((norms > self.max_norm).sum())})
         return clip_update(U, self.max_norm), w, rep
 
     def __repr__(self) -> str:
@@ -154,6 +158,7 @@ class Prune(Layer):
     """Zeroes the smallest ``ratio`` of each update row's entries."""
 
     name = "prune"
+    nonexpansive = True  # zeroing entries of a row never grows its norm
 
     def __init__(self, ratio: float):
         self.ratio = _ratio(self.name, ratio)
@@ -166,47 +171,139 @@ class Prune(Layer):
 
 
 class CentralDP(Post):
-    """DP-FedAvg's server noise (McMahan et al. 2018) and its RDP accounting over rounds.
+    """DP-FedAvg's server noise (McMahan et al. 2018) and its accounting over rounds.
 
-    Assumes each client update was clipped to ``clip`` and the aggregate is their mean over
-    ``n_sampled`` clients (default: the rows of the round); adds N(0, (z * clip / n)^2) per
-    coordinate and steps an Opacus accountant with (z, sample_rate) each round.
+    What is released. The aggregate g = sum_i p_i u_i, with p_i = w_i / sum_j w_j over the rows
+    still accepted (w_i > 0) when the aggregator runs, and every accepted row of norm at most C,
+    the bound guaranteed by the last bounding layer (``update_clip``, or ``clip`` with this
+    round's bound). The pipeline hands both to this step (``AggregateInfo``).
+
+    Sensitivity. Neighbouring rounds differ by one client (add/remove, the notion of the sampled
+    Gaussian mechanism that Opacus' accountants analyse). Removing accepted row k gives
+
+        g - g_{-k} = p_k (u_k - g_{-k}),  g_{-k} = the weighted mean of the other accepted rows,
+
+    since g = p_k u_k + (1 - p_k) g_{-k}. Both u_k and g_{-k} have norm at most C, so
+    ||g - g_{-k}|| <= 2 C p_k, with equality when u_k = -g_{-k} at norm C. Adding a client whose
+    weight is at most the largest present one is the same step read backwards (its share is at
+    most max_i p_i); replacing one client's update at an unchanged weight gives p_k (u_k - u'_k),
+    also at most 2 C p_k. Hence
+
+        sensitivity = 2 * C * max_i p_i   (2 C / n for n equally weighted rows),
+
+    the factor 2 being the price of the mean's data-dependent denominator (McMahan et al. 2018,
+    Lemma 1: 2S / (q W_min) for their f~_c; their S / (q W) holds only for a fixed denominator).
+    The noise is N(0, sigma^2) per coordinate with sigma = z * sensitivity, so whatever the
+    round's weights, the noise multiplier (sigma / sensitivity) is z and the accountant takes
+    (z, sample_rate) each round.
+
+    sample_rate is the client sampling rate q = clients_per_round / num_clients. Left at None
+    it is taken as 1 (every client every round), which is exact for full participation and
+    overstates epsilon otherwise; the simulator passes it. The accountant assumes Poisson
+    sampling of clients, the simulator samples a fixed number: the usual approximation.
+
+    What is not accounted for: the choice of accepted rows and their weights is taken as given
+    (layers that reject or reweight on the data, such as validate or reputation, are outside
+    the analysis), and ``clip``'s tracked 'quantile' bound moves with past rounds' norms without
+    the noise Andrew et al. (2021) add to it. Refused when built: no layer bounding norms before
+    the aggregator, ``clip`` with max_norm='auto' (the round's own median norm, which one client
+    can move), a noise layer after the clip, an aggregator other than a weighted mean (a median
+    or Krum has another sensitivity), or a fixed clip bound above ``clip`` when ``clip`` is set.
+
+    clip: optional declared bound; when set, the rows' guaranteed bound must not exceed it. The
+    noise always follows the bound the layers guarantee.
     """
 
     name = "central_dp"
+    needs_aggregate_info = True
 
-    def __init__(self, noise_multiplier: float, clip: float, delta: float = 1e-5,
-                 sample_rate: float = 1.0, n_sampled: int | None = None, accountant: str = "rdp"):
+    def __init__(self, noise_multiplier: float, clip: float | None = None, delta: float = 1e-5,
+                 sample_rate: float | None = None, accountant: str = "rdp"):
         self.z = check_positive(self.name, "noise_multiplier", noise_multiplier)
-        self.clip = check_positive(self.name, "clip", clip)
+        self.clip = None if clip is None else check_positive(self.name, "clip", clip)
         self.delta = _delta(self.name, delta)
-        self.sample_rate = _rate(self.name, sample_rate)
-        if n_sampled is not None and (isinstance(n_sampled, bool) or not isinstance(n_sampled, int)
-                                      or n_sampled < 1):
-            raise PhalanxError(f"{self.name}: n_sampled must be an integer >= 1 or None, got {n_sampled!r}")
-        self.n_sampled = n_sampled
+        self.sample_rate = 1.0 if sample_rate is None else _rate(self.name, sample_rate)
         self.accountant = _accountant(self.name, accountant)
+
+    def check_pipeline(self, layers: list, aggregator) -> None:
+        from .clip import Clip
+
+        if not is_weighted_mean(aggregator):
+            raise PhalanxError(f"central_dp: needs a (weighted) mean aggregator, whose sensitivity is "
+                               f"2 * clip * max weight share; got {getattr(aggregator, 'name', aggregator)!r}")
+        last = max((i for i, layer in enumerate(layers) if getattr(layer, "bounds_norm", False)), default=None)
+        if last is None:
+            got = ", ".join(layer.name for layer in layers) or "no layers"
+            raise PhalanxError(f"central_dp: needs a layer bounding each update's norm before the aggregator "
+                               f"(update_clip or clip), got {got}")
+        bounder = layers[last]
+        if isinstance(bounder, Clip) and bounder.mode == "auto":
+            raise PhalanxError("central_dp: needs a clip bound that one client cannot move; clip with "
+                               "max_norm='auto' uses the round's median norm: give a number or 'quantile'")
+        noisy = [layer.name for layer in layers[last + 1:] if getattr(layer, "breaks_norm_bound", False)]
+        if noisy:
+            raise PhalanxError(f"central_dp: needs the clipped rows to reach the aggregator unchanged, "
+                               f"got {', '.join(noisy)} after {bounder.name}")
+        fixed = getattr(bounder, "max_norm", None)
+        if self.clip is not None and isinstance(fixed, (int, float)) and fixed > self.clip:
+            raise PhalanxError(f"central_dp: clip={self.clip} but {bounder.name} bounds norms by {fixed}; "
+                               f"expected a bound <= clip")
+
+    def sensitivity(self, weights: torch.Tensor, norm_bound: float) -> float:
+        """2 * C * max_i p_i over the accepted rows (see the class docstring)."""
+        w = weights.double()
+        w = w[w > 0]
+        return 2.0 * float(norm_bound) * float((w / w.sum()).max())
 
     @property
     def epsilon(self) -> float:
         return _epsilon(self.accountant, self.delta)
 
+    @property
+    def rounds(self) -> int:
+        return int(sum(h[2] for h in self.accountant.history))
+
     def __call__(self, g: torch.Tensor, ctx: RoundContext):
-        n = self.n_sampled or ctx.n
-        sigma = self.z * self.clip / n
+        info = ctx.extras.get(AGGREGATE_INFO)
+        if info is None:
+            raise PhalanxError("central_dp: needs the weights and norm bound a Pipeline records for its post "
+                               "steps, got a context without them; use it as a post step of a Pipeline")
+        if not is_weighted_mean(info.aggregator):
+            raise PhalanxError(f"central_dp: needs a (weighted) mean aggregator, got {info.aggregator.name!r}")
+        if info.norm_bound is None:
+            why = (f"{info.lost_by} changed the rows after {info.bound_by}" if info.lost_by
+                   else "no layer reported one")
+            raise PhalanxError(f"central_dp: needs a norm bound on the rows reaching the aggregator, got none "
+                               f"({why})")
+        if self.clip is not None and info.norm_bound > self.clip * (1 + 1e-9):
+            raise PhalanxError(f"central_dp: clip={self.clip} but {info.bound_by} bounded norms by "
+                               f"{info.norm_bound}; expected a bound <= clip")
+        if not bool((info.weights > 0).any()):
+            raise PhalanxError("central_dp: every row has weight 0; nothing was aggregated")
+        sens = self.sensitivity(info.weights, info.norm_bound)
+        sigma = self.z * sens
         out = g + sigma * torch.randn(g.shape, generator=ctx.generator, dtype=g.dtype)
         self.accountant.step(noise_multiplier=self.z, sample_rate=self.sample_rate)
-        info = {"sigma": sigma, "epsilon": self.epsilon, "delta": self.delta,
-                "rounds": sum(h[2] for h in self.accountant.history)}
-        return out, Report(self.name, ctx.n, info=info)
+        rep = {"sigma": sigma, "sensitivity": sens, "norm_bound": info.norm_bound, "noise_multiplier": self.z,
+               "sample_rate": self.sample_rate, "epsilon": self.epsilon, "delta": self.delta,
+               "rounds": self.rounds}
+        return out, Report(self.name, ctx.n, info=rep)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [list(h) for h in self.accountant.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) - {"history"}:
-            raise PhalanxError(f"{self.name}: state has keys {sorted(state)}, expected ['history']")
-        self.accountant.history = [tuple(h) for h in state.get("history", [])]
+        if not isinstance(state, dict) or set(state) - {"history"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise PhalanxError(f"{self.name}: state has keys {got}, expected ['history']")
+        history = state.get("history", [])
+        ok = isinstance(history, (list, tuple)) and all(
+            isinstance(h, (list, tuple)) and len(h) == 3 and all(isinstance(x, (int, float)) for x in h)
+            and h[0] > 0 and 0 < h[1] <= 1 and isinstance(h[2], int) and h[2] >= 1 for h in history)
+        if not ok:
+            raise PhalanxError(f"{self.name}: state 'history' must be a list of [noise_multiplier, sample_rate, "
+                               f"steps] entries, got {history!r}")
+        self.accountant.history = [(float(h[0]), float(h[1]), int(h[2])) for h in history]
 
     def __repr__(self) -> str:
         return f"CentralDP(noise_multiplier={self.z}, clip={self.clip}, delta={self.delta})"
