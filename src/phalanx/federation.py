@@ -182,38 +182,47 @@ class Federation:
         return flatten_params(self.model) - self.params, float("nan")
 
     def train_clients(self, rnd: int, chosen: np.ndarray, attacking: bool) -> tuple[torch.Tensor, list[float]]:
-        if self.cfg.federation.dp_sgd is not None:  # honest clients train privately, attackers do not
-            rows, losses = [], []
-            for c in chosen:
-                if self.malicious[c]:
-                    poison = self.poisons.get(int(c)) if attacking else None
-                    idx = self.parts[c]
-                    upd, loss = local_update(self.model, self.params, self.data.x_train[idx], self.data.y_train[idx],
-                                             self.spec, self.client_generator(rnd, int(c)), poison)
-                else:
-                    upd, loss = self.dp_client_update(rnd, int(c))
-                rows.append(upd)
-                losses.append(loss)
-            return torch.stack(rows), losses
-        if self.cfg.federation.engine == "vectorized":
-            data = [(self.data.x_train[self.parts[c]], self.data.y_train[self.parts[c]]) for c in chosen]
-            gens = [self.client_generator(rnd, int(c)) for c in chosen]
-            poisons = [self.poisons.get(int(c)) if attacking else None for c in chosen]
-            U, losses = vectorized_updates(self.model, self.params, data, self.spec, gens, poisons)
+        """Local training of the chosen clients: (U [k, d], mean training loss per client).
+
+        A malicious client trains on its own terms only in an attacking round of a config with an
+        attack or a data poison for it: then it poisons its batches, follows the attack's training
+        hook (``Attack.training_hook``, sequential engine) and skips DP-SGD. Otherwise it trains
+        exactly like an honest client: with DP-SGD when ``federation.dp_sgd`` is set (its steps
+        counted by the accountant), else with the configured engine.
+        """
+        from .attacks.base import TrainingInfo
+
+        fed = self.cfg.federation
+        own_terms = [attacking and bool(self.malicious[c]) and (self.attack is not None or int(c) in self.poisons)
+                     for c in chosen]
+        make_hook = getattr(self.attack, "training_hook", None)
+        hooks = [make_hook(TrainingInfo(rnd, self.client_ids[c], self.params, self.attack_history))
+                 if own and make_hook is not None else None for c, own in zip(chosen, own_terms)]
+        rows: list = [None] * len(chosen)
+        losses: list = [None] * len(chosen)
+        if fed.dp_sgd is not None:  # everyone trains privately but an attacker at work
+            for i, c in enumerate(chosen):
+                if not own_terms[i]:
+                    rows[i], losses[i] = self.dp_client_update(rnd, int(c))
+        batch = [i for i in range(len(chosen)) if rows[i] is None and hooks[i] is None]
+        if fed.engine == "vectorized" and batch:  # hooked clients take the sequential path below
+            data = [(self.data.x_train[self.parts[chosen[i]]], self.data.y_train[self.parts[chosen[i]]]) for i in batch]
+            gens = [self.client_generator(rnd, int(chosen[i])) for i in batch]
+            poisons = [self.poisons.get(int(chosen[i])) if own_terms[i] else None for i in batch]
+            U, vlosses = vectorized_updates(self.model, self.params, data, self.spec, gens, poisons)
+            for j, i in enumerate(batch):
+                rows[i], losses[i] = U[j], vlosses[j]
+        for i, c in enumerate(chosen):
+            if rows[i] is None:
+                idx = self.parts[c]
+                poison = self.poisons.get(int(c)) if own_terms[i] else None
+                rows[i], losses[i] = local_update(self.model, self.params, self.data.x_train[idx],
+                                                  self.data.y_train[idx], self.spec,
+                                                  self.client_generator(rnd, int(c)), poison, hooks[i])
+        if fed.dp_sgd is None:  # as before, a DP-SGD run applies no client-side transforms
             for i, c in enumerate(chosen):
                 for hook in self.hooks.client_update:
-                    U[i] = hook(U[i], self.client_ids[c], rnd)
-            return U, losses
-        rows, losses = [], []
-        for c in chosen:
-            idx = self.parts[c]
-            poison = self.poisons.get(int(c)) if attacking else None
-            upd, loss = local_update(self.model, self.params, self.data.x_train[idx], self.data.y_train[idx],
-                                     self.spec, self.client_generator(rnd, int(c)), poison)
-            for hook in self.hooks.client_update:
-                upd = hook(upd, self.client_ids[c], rnd)
-            rows.append(upd)
-            losses.append(loss)
+                    rows[i] = hook(rows[i], self.client_ids[c], rnd)
         return torch.stack(rows), losses
 
     def apply_attack(self, U: torch.Tensor, mal: torch.Tensor, rnd: int, chosen: np.ndarray | None = None) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 The update is ``params_after - params_before`` as one flat float32 vector, so the server step is
 ``params += server_lr * aggregate(updates)``. A data poison, when given, rewrites every batch the
-client trains on (label flipping, backdoor triggers).
+client trains on (label flipping, backdoor triggers). A training hook, when given, changes the
+objective or the step direction of a malicious client (``phalanx.attacks.base.TrainingHook``);
+only the sequential ``local_update`` takes one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import PhalanxError
 from .updates import flatten_params, load_flat
 
 
@@ -32,13 +35,40 @@ class LocalSpec:
 Poison = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _transform_step(params: list[torch.Tensor], transform, weight_decay: float) -> None:
+    """Replace every parameter's gradient by ``transform`` of the flat step direction (the gradient
+    plus weight decay, computed as SGD does), so the optimizer then runs without weight decay."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    if weight_decay:
+        grads = [g.add(p.detach(), alpha=weight_decay) for g, p in zip(grads, params)]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    new = transform(flat)
+    if not isinstance(new, torch.Tensor) or new.shape != flat.shape:
+        got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+        raise PhalanxError(f"training hook: grad_transform must return a vector of shape {tuple(flat.shape)}, "
+                           f"got {got}")
+    for p, chunk in zip(params, new.to(flat.dtype).split([p.numel() for p in params])):
+        p.grad = chunk.reshape(p.shape).clone()
+
+
 def local_update(model: nn.Module, global_params: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                 spec: LocalSpec, gen: torch.Generator, poison: Poison | None = None) -> tuple[torch.Tensor, float]:
-    """Train ``model`` from ``global_params`` on (x, y); return (update [d], mean training loss)."""
+                 spec: LocalSpec, gen: torch.Generator, poison: Poison | None = None,
+                 hook=None) -> tuple[torch.Tensor, float]:
+    """Train ``model`` from ``global_params`` on (x, y); return (update [d], mean training loss).
+
+    ``hook`` (a ``TrainingHook``, for malicious clients): every step minimizes
+    ``hook.objective(cross_entropy, flat_params, global_params)`` instead of the cross-entropy,
+    and/or moves along ``hook.grad_transform(gradient + weight_decay * params)`` (before momentum).
+    The reported loss is the cross-entropy either way.
+    """
+    objective = getattr(hook, "objective", None)
+    transform = getattr(hook, "grad_transform", None)
     load_flat(model, global_params)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                          weight_decay=spec.weight_decay)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum,
+                          weight_decay=0.0 if transform is not None else spec.weight_decay)
+    anchor = global_params.detach().to(torch.float32)
     n = len(y)
     steps, total = 0, 0.0
     for _ in range(spec.epochs):
@@ -50,7 +80,16 @@ def local_update(model: nn.Module, global_params: torch.Tensor, x: torch.Tensor,
                 xb, yb = poison(xb, yb, gen)
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
+            if objective is None:
+                loss.backward()
+            else:
+                total_loss = objective(loss, torch.cat([p.reshape(-1) for p in params]), anchor)
+                if not isinstance(total_loss, torch.Tensor) or total_loss.numel() != 1:
+                    raise PhalanxError("training hook: objective must return a scalar tensor, got "
+                                       f"{getattr(total_loss, 'shape', type(total_loss).__name__)}")
+                total_loss.backward()
+            if transform is not None:
+                _transform_step(params, transform, spec.weight_decay)
             opt.step()
             total += float(loss.detach())
             steps += 1

@@ -205,21 +205,54 @@ def test_constrain_scale_stays_inside_the_bound():
     assert torch.all(out.double().norm(dim=1) <= 2.0)
 
 
-def test_neurotoxin_zeroes_high_magnitude_coordinates():
+def test_neurotoxin_mask_comes_from_last_rounds_reference():
     honest = torch.tensor([[5.0, 0.1, -4.0, 0.0, 0.2, 3.0, 0.0, -0.1, 0.0, 0.05]]).repeat(3, 1)
     own = torch.ones(2, 10)
+    # 'honest': the honest mean of the last round the attack ran; none yet: every coordinate
+    hist = {}
     attack = ATTACKS.build("neurotoxin", ratio=0.7, reference="honest", boost=2.0)
-    out = attack(honest, actx(own, n=5))
+    assert attack(honest, actx(own, n=5, history=hist)).equal(torch.full((2, 10), 2.0))
+    out = attack(torch.zeros(3, 10), actx(own, n=5, round=1, history=hist))
     assert out[0].tolist() == [0, 2, 0, 2, 2, 0, 2, 2, 2, 2]  # the top 30% (|5|, |-4|, |3|) are zeroed
-    assert torch.equal(out[0], out[1])
-    # 'previous': the reference is the change of the global params since the last call
+    assert torch.equal(out[0], out[1]) and hist["neurotoxin_kept"] == 7
+    # 'previous': the change of the global params since the round the attack last ran
     hist = {}
     prev = ATTACKS.build("neurotoxin", ratio=0.8)
     first = prev(honest, actx(own, n=5, global_params=torch.zeros(10), history=hist))
-    assert first[0].tolist() == [0, 1, 0, 1, 1, 1, 1, 1, 1, 1]  # no history yet: the honest mean
+    assert first.equal(own)  # no history yet: nothing masked
     moved = torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 0, 9.0, -7.0])
-    second = prev(honest, actx(own, n=5, global_params=moved, history=hist))
+    second = prev(honest, actx(own, n=5, round=1, global_params=moved, history=hist))
     assert second[0].tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+
+
+def test_neurotoxin_hook_masks_with_the_rounds_mask():
+    from phalanx.attacks.base import TrainingInfo
+
+    attack, hist = ATTACKS.build("neurotoxin", ratio=0.8), {}
+    moved = torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 0, 9.0, -7.0])
+    hook = attack.training_hook(TrainingInfo(0, "client001", torch.zeros(10), hist))
+    assert torch.equal(hook.grad_transform(torch.ones(10)), torch.ones(10))  # round 0: no reference
+    hook = attack.training_hook(TrainingInfo(1, "client001", moved, hist))
+    step = torch.arange(10.0)
+    assert hook.grad_transform(step).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 0]
+    assert torch.equal(step, torch.arange(10.0))  # pure
+    # the rows sent in that round are projected on the very same mask
+    out = attack(torch.zeros(3, 10), actx(torch.ones(2, 10), n=5, round=1, global_params=moved, history=hist))
+    assert out[0].tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+
+
+def test_constrain_scale_trains_with_the_anomaly_loss():
+    from phalanx.attacks.base import TrainingInfo
+
+    attack = ATTACKS.build("constrain_scale", max_norm=1.0)
+    assert attack.alpha == 0.7
+    hook = attack.training_hook(TrainingInfo(0, None, torch.zeros(4), {}))
+    params = torch.tensor([3.0, 0.0, 4.0, 0.0], requires_grad=True)
+    loss = hook.objective(torch.tensor(2.0), params, torch.zeros(4))
+    assert float(loss.detach()) == pytest.approx(0.7 * 2.0 + 0.3 * 5.0)  # |params - global|_2 = 5, not squared
+    loss.backward()
+    assert torch.allclose(params.grad, 0.3 * torch.tensor([0.6, 0.0, 0.8, 0.0]))
+    assert ATTACKS.build("constrain_scale", alpha=1.0).training_hook(TrainingInfo(0, None, torch.zeros(4), {})) is None
 
 
 def test_persistence():
@@ -247,6 +280,8 @@ def test_persistence():
     ("attack", "model_replacement", {"boost": -1}, "boost"),
     ("attack", "model_replacement", {"weight_fraction": 2.0}, "weight_fraction"),
     ("attack", "constrain_scale", {"max_norm": 0}, "max_norm"),
+    ("attack", "constrain_scale", {"alpha": 0}, "alpha"),
+    ("attack", "constrain_scale", {"alpha": 1.5}, "alpha"),
     ("attack", "neurotoxin", {"ratio": 1.5}, "ratio"),
     ("attack", "neurotoxin", {"reference": "future"}, "reference"),
 ])

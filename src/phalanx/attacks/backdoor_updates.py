@@ -5,11 +5,15 @@ with a poison: ``attack: {name: model_replacement, poison: pixel_trigger, ...}``
 
 * ``model_replacement`` (Bagdasaryan et al., AISTATS 2020): send ``gamma * own`` so that the
   aggregate is dominated by the backdoored model.
-* ``constrain_scale``: boost, then project onto the L2 ball of the server's (known) clipping bound,
-  so the update passes norm clipping untouched (the norm-bounded attacker of Sun et al. 2019, the
-  "constrain-and-scale" idea of Bagdasaryan et al. restricted to the norm constraint).
-* ``neurotoxin`` (Zhang et al., ICML 2022): keep only the coordinates that benign training changes
-  least, so later honest rounds do not overwrite the backdoor.
+* ``constrain_scale`` (Bagdasaryan et al. 2020, constrain-and-scale): local training minimizes
+  ``alpha * L_class + (1 - alpha) * L_ano`` with ``L_ano`` the distance to the global model, then
+  the update is boosted and projected onto the L2 ball of the server's (known) clipping bound, so
+  it passes norm clipping untouched (the norm-bounded attacker of Sun et al. 2019).
+* ``neurotoxin`` (Zhang et al., ICML 2022): every local SGD step moves only along the coordinates
+  that benign training changes least, so later honest rounds do not overwrite the backdoor.
+
+The last two shape the malicious clients' local training through a training hook
+(``Attack.training_hook``, see ``base.py``), which the simulator passes to ``local_update``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from ..context import AttackContext
 from ..errors import PhalanxError
 from ..registry import ATTACKS
-from .base import Attack
+from .base import Attack, TrainingHook, TrainingInfo
 from .model_poisoning import check_choice, check_inputs, check_number
 
 # a projected row ends this much inside the ball, so float32 rounding never pushes it past the bound
@@ -52,13 +56,34 @@ class ModelReplacement(Attack):
                 f"weight_fraction={self.weight_fraction}, share={self.share})")
 
 
+class _AnomalyLoss(TrainingHook):
+    """alpha * L_class + (1 - alpha) * |params - global|_2 (Bagdasaryan et al.'s L_ano)."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def objective(self, class_loss, params, global_params):
+        return self.alpha * class_loss + (1.0 - self.alpha) * torch.linalg.vector_norm(params - global_params)
+
+
 class ConstrainScale(Attack):
-    """Boost each row, then project it onto the L2 ball of radius ``max_norm``."""
+    """Train with the anomaly-evasion loss, then boost each row and project it onto the L2 ball of
+    radius ``max_norm``.
+
+    Local training (through :meth:`training_hook`) minimizes ``alpha * L_class + (1 - alpha) * L_ano``
+    with ``L_ano = |x - G|_2``, the (not squared) L2 distance between the local and the global
+    flat parameters: the ``model_dist_norm_var`` term of the authors' code
+    (ebagdasa/backdoor_federated_learning, ``training.py``), which the paper names L_ano with a
+    Euclidean-distance anomaly detector. ``alpha = 1`` trains on the classification loss alone.
+    """
 
     name = "constrain_scale"
 
-    def __init__(self, max_norm: float, boost: float | None):
-        self.max_norm, self.boost = max_norm, boost
+    def __init__(self, max_norm: float, boost: float | None, alpha: float):
+        self.max_norm, self.boost, self.alpha = max_norm, boost, alpha
+
+    def training_hook(self, info: TrainingInfo) -> TrainingHook | None:
+        return _AnomalyLoss(self.alpha) if self.alpha < 1 else None
 
     def __call__(self, honest: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
         own = check_inputs(self.name, honest, ctx).double()
@@ -72,17 +97,34 @@ class ConstrainScale(Attack):
         return (own * scale).float()
 
     def __repr__(self) -> str:
-        return f"ConstrainScale(max_norm={self.max_norm}, boost={self.boost})"
+        return f"ConstrainScale(max_norm={self.max_norm}, boost={self.boost}, alpha={self.alpha})"
+
+
+class _GradMask(TrainingHook):
+    """Zero the step direction outside ``keep`` (Neurotoxin's projection, every SGD step)."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep
+
+    def grad_transform(self, step):
+        return step * self.keep.to(step.dtype)
 
 
 class Neurotoxin(Attack):
-    """Zero the malicious rows outside the bottom-``ratio`` coordinates of a benign reference update.
+    """Train the malicious clients only on the bottom-``ratio`` coordinates of a benign reference.
 
-    The reference is the previous global update (``"previous"``: the change in the global params
-    since this attack last ran, which every client observes; the current honest mean on the first
-    call) or the current round's honest mean (``"honest"``: an omniscient attacker). Zhang et al.
-    project every local SGD step; projecting the finished update is the one-shot equivalent for
-    a single local round.
+    Zhang et al. mask the attacker's gradient to those coordinates at every step of its local
+    training; here :meth:`training_hook` hands ``local_update`` that mask, so momentum and later
+    steps never leave it. The mask must be known before local training, so the reference is one
+    round old: ``"previous"``, the last global update (the change in the global params since the
+    round the attack last trained, which every client observes); ``"honest"``, the honest mean
+    of the last round the attack ran (an omniscient attacker). Without a reference yet (the first
+    attacking round) every coordinate is allowed. The mask is computed once per round and kept in
+    ``ctx.history`` (``neurotoxin_mask``; ``neurotoxin_kept`` counts its coordinates).
+
+    The rows sent are ``boost * own`` projected onto that same mask: a no-op on rows trained with
+    the hook (their other coordinates never moved), and the one-shot approximation on rows
+    trained without it (an attack called outside the simulator).
     """
 
     name = "neurotoxin"
@@ -100,19 +142,32 @@ class Neurotoxin(Attack):
         keep[order[:k]] = True
         return keep
 
+    def round_mask(self, rnd: int, global_params: torch.Tensor, history: dict) -> torch.Tensor:
+        """This round's mask, from last round's reference (computed on the round's first call)."""
+        if history.get("neurotoxin_round") == rnd and history.get("neurotoxin_mask") is not None \
+                and history["neurotoxin_mask"].numel() == global_params.numel():
+            return history["neurotoxin_mask"]
+        now = global_params.detach().to(torch.float32).clone()
+        if self.reference == "previous":
+            prev = history.get("neurotoxin_params")
+            ok = prev is not None and prev.shape == now.shape and not torch.equal(prev, now)
+            ref = now - prev if ok else None
+        else:
+            ref = history.get("neurotoxin_honest")
+            ref = ref if ref is not None and ref.shape == now.shape else None
+        keep = torch.ones(now.numel(), dtype=torch.bool) if ref is None else self.keep_mask(ref)
+        history.update(neurotoxin_round=rnd, neurotoxin_mask=keep, neurotoxin_params=now,
+                       neurotoxin_kept=int(keep.sum()))
+        return keep
+
+    def training_hook(self, info: TrainingInfo) -> TrainingHook | None:
+        return _GradMask(self.round_mask(info.round, info.global_params, info.history))
+
     def __call__(self, honest: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
         own = check_inputs(self.name, honest, ctx)
-        prev = ctx.history.get("neurotoxin_params")
-        now = ctx.global_params.detach().to(torch.float32).clone()
-        if self.reference == "previous" and prev is not None and prev.shape == now.shape and not torch.equal(prev, now):
-            ref = now - prev
-        elif len(honest):
-            ref = honest.to(torch.float32).mean(0)
-        else:
-            ref = torch.zeros(own.shape[1])
-        ctx.history["neurotoxin_params"] = now
-        keep = self.keep_mask(ref)
-        ctx.history["neurotoxin_kept"] = int(keep.sum())
+        keep = self.round_mask(ctx.round, ctx.global_params, ctx.history)
+        if len(honest):  # next round's reference for reference="honest"
+            ctx.history["neurotoxin_honest"] = honest.to(torch.float32).mean(0)
         return own * keep.to(own.dtype) * self.boost
 
     def __repr__(self) -> str:
@@ -148,19 +203,25 @@ def model_replacement(boost: float | None = None, server_lr: float = 1.0, weight
 
 
 @ATTACKS.register("constrain_scale")
-def constrain_scale(max_norm: float = 1.0, boost: float | None = None) -> Attack:
-    """Norm-bounded boosting: boost * own projected onto the L2 ball of max_norm (the clip bound).
+def constrain_scale(max_norm: float = 1.0, boost: float | None = None, alpha: float = 0.7) -> Attack:
+    """Constrain-and-scale: train on alpha * L_class + (1 - alpha) * |x - G|_2, then send
+    boost * own projected onto the L2 ball of max_norm (the clip bound).
 
     ``boost`` None scales every row to the bound itself (the largest update clipping lets through).
+    ``alpha`` in (0, 1]: 1 drops the anomaly-evasion term (plain training on the poisoned data).
     """
     check_number("constrain_scale", "max_norm", max_norm, positive=True)
-    return ConstrainScale(float(max_norm), _optional_positive("constrain_scale", "boost", boost))
+    check_number("constrain_scale", "alpha", alpha, positive=True)
+    if alpha > 1:
+        raise PhalanxError(f"constrain_scale: alpha must be in (0, 1], got {alpha!r}")
+    return ConstrainScale(float(max_norm), _optional_positive("constrain_scale", "boost", boost), float(alpha))
 
 
 @ATTACKS.register("neurotoxin")
 def neurotoxin(ratio: float = 0.95, boost: float = 1.0, reference: str = "previous") -> Attack:
-    """Neurotoxin (Zhang et al., ICML 2022): keep own only on the bottom-ratio coordinates of the
-    benign update (by magnitude); ``reference`` 'previous' (last global update) or 'honest'."""
+    """Neurotoxin (Zhang et al., ICML 2022): local SGD moves only on the bottom-ratio coordinates
+    (by magnitude) of last round's benign reference; ``reference`` 'previous' (last global update)
+    or 'honest' (last honest mean)."""
     check_number("neurotoxin", "ratio", ratio, positive=True)
     if ratio > 1:
         raise PhalanxError(f"neurotoxin: ratio must be in (0, 1], got {ratio!r}")
