@@ -261,3 +261,31 @@ def test_sign_filter_layer_drops_the_odd_sign_rows_and_keeps_the_matrix():
     assert int(w.eq(0).sum()) == 2
     with pytest.raises(PhalanxError, match="sign_filter: min_keep"):
         DEFENSES.build("sign_filter", min_keep=2)
+
+
+# ------------------------------------------------------------------ bounds, just inside and just outside
+
+@pytest.mark.parametrize("name,params", [("signguard", {}), ("flame", {"noise": 0}), ("sign_filter", {})])
+@pytest.mark.parametrize("f,least", [(2, 5), (4, 9)])
+def test_honest_majority_rules_accept_n_2f_plus_1_and_refuse_one_row_less(name, params, f, least):
+    from phalanx.errors import BoundError
+
+    H, base = honest_and_base(n=least, d=50)
+    stage = DEFENSES.build(name, f=f, **params)
+    out = stage(H, torch.ones(least), simple_round_context(H))  # just inside
+    assert bool(torch.isfinite(out[0]).all())
+    with pytest.raises(BoundError) as e:  # just outside: one row fewer, or one row rejected before
+        stage(H[:-1], torch.ones(least - 1), simple_round_context(H[:-1]))
+    assert str(e.value) == f"{name}: needs n > 2f clients, got n={least - 1}, f={f}"
+    w = torch.ones(least)
+    w[0] = 0.0
+    with pytest.raises(BoundError, match=f"got n={least - 1}, f={f}"):
+        stage(H, w, simple_round_context(H))
+
+
+@pytest.mark.parametrize("name", ["fltrust", "foolsgold"])
+def test_rules_without_a_bound_accept_a_byzantine_majority(name):
+    # FLTrust trusts its root data set, FoolsGold bounds no sybil count: f does not limit n
+    H, base = honest_and_base(n=4, d=20)
+    g, _ = DEFENSES.build(name, f=3)(H, torch.ones(4), simple_round_context(H, server_update=lambda: base))
+    assert bool(torch.isfinite(g).all())

@@ -72,8 +72,10 @@ def test_nnm_then_mean_resists_attack():
 
 def test_nnm_bound_and_hyperparameters():
     U = torch.randn(3, 4)
-    with pytest.raises(BoundError, match=r"nnm: needs n > f clients, got n=3, f=3"):
-        DEFENSES.build("nnm", f=3)(U, torch.ones(3), simple_round_context(U))
+    with pytest.raises(BoundError, match=r"nnm: needs n > 2f clients, got n=3, f=2"):
+        DEFENSES.build("nnm", f=2)(U, torch.ones(3), simple_round_context(U))
+    V, _, _ = DEFENSES.build("nnm", f=1)(U, torch.ones(3), simple_round_context(U))  # 3 > 2
+    assert V.shape == U.shape
     with pytest.raises(PhalanxError, match="nnm: f must be"):
         DEFENSES.build("nnm", f=-1)
 
@@ -186,9 +188,42 @@ def test_dnc_permutation_invariant_and_ignores_zero_weights():
 
 def test_dnc_bounds_and_hyperparameters():
     U = torch.randn(3, 5)
-    with pytest.raises(BoundError, match=r"dnc: needs n > c\*f clients, got n=3, f=2"):
+    with pytest.raises(BoundError, match=r"dnc: needs n > 2f clients, got n=3, f=2"):
         DEFENSES.build("dnc", f=2, c=1.5)(U, torch.ones(3), simple_round_context(U))
     for params, param in [({"f": -1}, "f"), ({"c": 0}, "c"), ({"b": 0}, "b"), ({"iterations": 0}, "iterations")]:
         with pytest.raises(PhalanxError, match=f"dnc: {param}"):
             DEFENSES.build("dnc", **params)
     assert math.isfinite(DEFENSES.build("dnc", f=1)(U, torch.ones(3), simple_round_context(U))[0].sum())
+
+
+# ------------------------------------------------------------------ bounds, just inside and just outside
+
+@pytest.mark.parametrize("name,params,least,rule", [
+    ("nnm", {"f": 2}, 5, "n > 2f"),
+    ("dnc", {"f": 2}, 5, "n > 2f"),  # c = 1: the honest majority binds
+    ("dnc", {"f": 2, "c": 3.0}, 7, "n > c*f"),  # 3f rows removed per iteration: ceil(c f) binds
+    ("bucketing", {"s": 2, "aggregator": "median", "f": 2}, 9, "n > 2sf (s=2)"),
+    ("bucketing", {"s": 3, "aggregator": "mean", "f": 1}, 7, "n > 2sf (s=3)"),
+])
+def test_each_rule_accepts_its_bound_and_refuses_one_row_less(name, params, least, rule):
+    U = torch.randn(least, 4, generator=torch.Generator().manual_seed(least))
+    stage = DEFENSES.build(name, **params)
+    label = stage.name
+    out = stage(U, torch.ones(least), simple_round_context(U))  # just inside
+    assert bool(torch.isfinite(out[0]).all())
+    with pytest.raises(BoundError) as e:  # just outside
+        stage(U[:-1], torch.ones(least - 1), simple_round_context(U[:-1]))
+    assert str(e.value) == f"{label}: needs {rule} clients, got n={least - 1}, f={params['f']}"
+
+
+def test_bucketing_takes_f_from_a_pipeline_and_passes_it_to_the_inner_rule():
+    from phalanx.defenses.pipeline import build_defense
+
+    pipe = build_defense([{"bucketing": {"s": 2, "aggregator": "median"}}], f=3)
+    agg = pipe.aggregator
+    assert agg.f == 3 and agg.inner.f == 3
+    U = torch.randn(13, 4)  # 13 > 2sf = 12, and the inner median gets ceil(13 / 2) = 7 > 2f buckets
+    g, _ = agg(U, torch.ones(13), simple_round_context(U))
+    assert g.shape == (4,)
+    with pytest.raises(BoundError, match=r"bucketing\(median\): needs n > 2sf \(s=2\) clients, got n=12, f=3"):
+        agg(U[:12], torch.ones(12), simple_round_context(U[:12]))

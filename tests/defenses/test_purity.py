@@ -3,7 +3,9 @@
 Every entry of the DEFENSES registry is built and called on U of shape (n, 1), on a column-major
 U and on an ordinary row-major U; afterwards U, w (and g for post steps) must be bit-identical to
 copies taken before the call. A column block of a (n, 1) or column-major U is already contiguous,
-which is where an in-place sort of the caller's memory used to slip through.
+which is where an in-place sort of the caller's memory used to slip through. Post steps run
+after ``update_clip`` and a mean inside a Pipeline (central DP needs what reached the aggregator),
+and the aggregate they receive must be left as it was.
 """
 
 import inspect
@@ -14,6 +16,7 @@ import torch
 import phalanx.defenses  # noqa: F401  (registers the defenses)
 from phalanx.context import simple_round_context
 from phalanx.defenses.base import Aggregator, Layer, Post
+from phalanx.defenses.pipeline import Pipeline
 from phalanx.defenses.signing import ClientSigner, KeyRegistry, sign_updates
 from phalanx.registry import DEFENSES
 
@@ -31,6 +34,20 @@ PARAMS = {
     "central_dp": {"noise_multiplier": 1.0, "clip": 1.0},
     "weak_dp": {"sigma": 0.01},
 }
+
+
+class RecordingMean(Aggregator):
+    """The registered mean, keeping the aggregate it returned and its bits at that moment."""
+
+    name, linear = "mean", True
+
+    def __init__(self):
+        self.inner = DEFENSES.build("mean")
+
+    def __call__(self, U, w, ctx):
+        self.g, rep = self.inner(U, w, ctx)
+        self.g_bits = _bits(self.g)
+        return self.g, rep
 
 
 def _params(name):
@@ -82,11 +99,10 @@ def test_no_stage_modifies_its_inputs(name, shape, weights):
     stage = DEFENSES.build(name, **params)
     U_bits, w_bits, stride = _bits(U), _bits(w), U.stride()
 
-    if isinstance(stage, Post):
-        g = U[1]  # a row: strided when U is column-major
-        g_bits = _bits(g)
-        out, _ = stage(g, ctx)
-        assert _bits(g) == g_bits, f"{name} modified g"
+    if isinstance(stage, Post):  # post steps run where they belong: after clip and a mean
+        agg = RecordingMean()
+        Pipeline([DEFENSES.build("update_clip", max_norm=1.0)], agg, [stage])(U, w, ctx)
+        assert _bits(agg.g) == agg.g_bits, f"{name} modified g"
     elif isinstance(stage, Aggregator):
         out, _ = stage(U, w, ctx)
         assert out.shape == (U.shape[1],)

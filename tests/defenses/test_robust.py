@@ -307,6 +307,46 @@ def test_bounds_raise_bound_error_naming_n_and_f(name, n, f, msg):
     assert str(e.value) == msg
 
 
+# each f-parametrised rule: (name, f, the fewest active rows it accepts, the rule in its message)
+BOUNDS = [("median", 2, 5, "n > 2f"), ("median", 0, 1, "n > 2f"), ("trimmed_mean", 2, 5, "n > 2f"),
+          ("krum", 2, 7, "n > 2f + 2"), ("multi_krum", 2, 7, "n > 2f + 2"),
+          ("bulyan", 2, 11, "n >= 4f + 3"), ("geomed", 2, 5, "n > 2f"),
+          ("centered_clipping", 2, 5, "n > 2f"), ("krum", 1, 5, "n > 2f + 2"), ("bulyan", 1, 7, "n >= 4f + 3")]
+
+
+@pytest.mark.parametrize("name,f,least,rule", BOUNDS)
+def test_each_rule_accepts_its_bound_and_refuses_one_row_less(name, f, least, rule):
+    U = torch.randn(least, 3, generator=torch.Generator().manual_seed(least))
+    g, _ = run(name, U, f=f)  # just inside
+    assert g.shape == (3,) and bool(torch.isfinite(g).all())
+    if least == 1:
+        return  # f = 0: no row count is too small but zero, which prepare refuses on its own
+    with pytest.raises(BoundError) as e:  # just outside, checked at the first call
+        run(name, U[:-1], f=f)
+    assert str(e.value) == f"{name}: needs {rule} clients, got n={least - 1}, f={f}"
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "geomed", "centered_clipping"])
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_a_byzantine_half_or_more_is_refused_not_aggregated(name, fraction):
+    n = 10
+    f = int(fraction * n)
+    agg = DEFENSES.build(name, f=f)  # construction only checks f >= 0
+    U = torch.randn(n, 4)
+    with pytest.raises(BoundError, match=rf"^{name}: needs n > 2f clients, got n=10, f={f}$"):
+        agg(U, torch.ones(n), simple_round_context(U))
+
+
+def test_bounds_use_active_rows_with_the_same_f():
+    # rows earlier layers rejected do not lower f: they may have been honest ones
+    U = torch.randn(7, 4)
+    w = torch.ones(7)
+    run("median", U, w, f=3)  # 7 > 6
+    w[0] = 0.0
+    with pytest.raises(BoundError, match="median: needs n > 2f clients, got n=6, f=3"):
+        run("median", U, w, f=3)
+
+
 def test_multi_krum_m_larger_than_active_rows():
     with pytest.raises(PhalanxError, match="m must be <= the number of active clients, got m=6, n=5"):
         run("multi_krum", torch.randn(5, 2), f=1, m=6)

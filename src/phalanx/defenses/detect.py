@@ -1,8 +1,18 @@
 """Detection-style aggregators: FLTrust, SignGuard, FoolsGold and FLAME; and SignGuard's sign
 filter as a layer (``sign_filter``) to put in front of another aggregator.
 
-Each scores or clusters the rows, keeps the ones it trusts and averages them. ``f`` is accepted
-by every factory (so a grid can pass it to every defense) but none of these rules needs it.
+Each scores or clusters the rows, keeps the ones it trusts and averages them. ``f`` (the
+server's assumed Byzantine count) is accepted by every factory so that a grid can pass it to
+every defense. The rules that keep "the largest cluster" only work when the honest clients are
+the majority, so they check n > 2f on the active rows at each call (``BoundError``), with the
+same f whatever earlier layers rejected (see ``robust``):
+
+* signguard and sign_filter: Xu et al. 2022 assume fewer than half of the clients malicious;
+* flame: Nguyen et al. 2022 assume fewer than n/2 malicious clients (HDBSCAN's minimum cluster
+  size n/2 + 1 encodes it).
+
+FLTrust (Cao et al. 2021: its root data set lets it tolerate a malicious majority) and FoolsGold
+(Fung et al. 2020: no bound on the number of sybils) need no bound, and do not use f.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from ..errors import PhalanxError
 from ..registry import DEFENSES
 from ..updates import cosine_matrix
 from .base import Aggregator, Layer, Report, check_nonneg_int, check_positive
-from .robust import combine, finite_or_raise, make_report, prepare, row_norms
+from .robust import combine, finite_or_raise, honest_majority, make_report, prepare, row_norms
 
 
 def _median(x: torch.Tensor) -> float:
@@ -109,11 +119,13 @@ class SignGuard(Aggregator):
     fractions of positive, zero and negative values are clustered (sklearn MeanShift with
     estimated bandwidth, or KMeans with 2 clusters) and the largest cluster is kept. The rows
     passing both filters are clipped to the median norm and averaged (if none passes both, the
-    norm filter alone decides: ``info['fallback']``). Report scores: |U_i| / median norm."""
+    norm filter alone decides: ``info['fallback']``). Report scores: |U_i| / median norm.
+    f is only checked: the largest cluster is the honest one only when n > 2f."""
 
     name = "signguard"
 
-    def __init__(self, lower: float, upper: float, coords: float, clustering: str):
+    def __init__(self, lower: float, upper: float, coords: float, clustering: str, f: int = 0):
+        self.f = check_nonneg_int(self.name, "f", f)
         self.lower = check_positive(self.name, "lower", lower)
         self.upper = check_positive(self.name, "upper", upper)
         if self.upper <= self.lower:
@@ -123,6 +135,7 @@ class SignGuard(Aggregator):
     def __call__(self, U, w, ctx: RoundContext):
         Ua, _, idx = prepare(self.name, U, w)
         n, d = Ua.shape
+        honest_majority(self.name, n, self.f)
         norms = row_norms(Ua)
         med = _median(norms)
         ratio = norms / med if med > 0 else torch.ones(n, dtype=torch.float64, device=norms.device)
@@ -148,7 +161,7 @@ class SignGuard(Aggregator):
 
     def __repr__(self):
         return (f"SignGuard(lower={self.lower}, upper={self.upper}, coords={self.coords}, "
-                f"clustering={self.clustering!r})")
+                f"clustering={self.clustering!r}, f={self.f})")
 
 
 class SignFilter(Layer):
@@ -158,7 +171,8 @@ class SignFilter(Layer):
     that cluster holds fewer than ``min_keep`` of the rows the filter rejects nothing
     (``info['inconclusive']``). With f > 0 (a pipeline passes the server's f) it rejects at most f
     rows, those whose statistics lie farthest from the cluster's median (``info['capped']``), so
-    non-IID honest rows outside the cluster cannot leave the aggregator too few rows."""
+    non-IID honest rows outside the cluster cannot leave the aggregator too few rows. With f > 0
+    it needs n > 2f active rows (Xu et al. 2022: the malicious clients are a minority)."""
 
     name = "sign_filter"
 
@@ -171,6 +185,8 @@ class SignFilter(Layer):
 
     def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
         n = U.shape[0]
+        if self.f > 0:
+            honest_majority(self.name, int((w > 0).sum()), self.f)
         report = Report(self.name, n=n)
         live = torch.nonzero((w > 0) & torch.isfinite(U).all(1)).flatten()
         feats, k = sign_statistics(U[live], self.coords, ctx.generator)
@@ -193,7 +209,8 @@ class SignFilter(Layer):
         return U, w, report
 
     def __repr__(self):
-        return f"SignFilter(coords={self.coords}, clustering={self.clustering!r}, min_keep={self.min_keep})"
+        return (f"SignFilter(coords={self.coords}, clustering={self.clustering!r}, "
+                f"min_keep={self.min_keep}, f={self.f})")
 
 
 class FoolsGold(Aggregator):
@@ -279,11 +296,13 @@ class Flame(Aggregator):
     """FLAME (Nguyen et al., USENIX Security 2022): HDBSCAN (scikit-learn, min_cluster_size
     n // 2 + 1, min_samples 1) on pairwise cosine distances, keep the largest cluster, clip the
     kept updates to S = the median norm of all active updates, average, and add Gaussian noise
-    of std ``noise`` * S from ``ctx.generator`` (noise=0 disables it). Report scores: the norms."""
+    of std ``noise`` * S from ``ctx.generator`` (noise=0 disables it). Report scores: the norms.
+    f is only checked: the paper assumes fewer than n/2 malicious clients, so it needs n > 2f."""
 
     name = "flame"
 
-    def __init__(self, noise: float):
+    def __init__(self, noise: float, f: int = 0):
+        self.f = check_nonneg_int(self.name, "f", f)
         if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
             raise PhalanxError(f"flame: noise (lambda) must be a number >= 0, got {noise!r}")
         self.noise = float(noise)
@@ -291,6 +310,7 @@ class Flame(Aggregator):
     def __call__(self, U, w, ctx: RoundContext):
         Ua, _, idx = prepare(self.name, U, w, finite=True)
         n, d = Ua.shape
+        honest_majority(self.name, n, self.f)
         keep, fallback = np.ones(n, dtype=bool), False
         if n >= 2:
             from sklearn.cluster import HDBSCAN
@@ -319,7 +339,7 @@ class Flame(Aggregator):
             fallback=fallback)
 
     def __repr__(self):
-        return f"Flame(noise={self.noise})"
+        return f"Flame(noise={self.noise}, f={self.f})"
 
 
 @DEFENSES.register("fltrust")
@@ -332,9 +352,8 @@ def fltrust(f: int = 0) -> Aggregator:
 @DEFENSES.register("signguard")
 def signguard(f: int = 0, lower: float = 0.1, upper: float = 3.0, coords: float = 0.1,
               clustering: str = "meanshift") -> Aggregator:
-    """SignGuard (Xu et al. 2022): norm bounds, then clustering of sign statistics."""
-    check_nonneg_int("signguard", "f", f)
-    return SignGuard(lower, upper, coords, clustering)
+    """SignGuard (Xu et al. 2022): norm bounds, then clustering of sign statistics; n > 2f."""
+    return SignGuard(lower, upper, coords, clustering, f)
 
 
 @DEFENSES.register("sign_filter")
@@ -352,6 +371,6 @@ def foolsgold(f: int = 0, kappa: float = 1.0) -> Aggregator:
 
 @DEFENSES.register("flame")
 def flame(f: int = 0, noise: float = 0.001) -> Aggregator:
-    """FLAME (Nguyen et al., USENIX Security 2022): HDBSCAN filtering, median-norm clipping, noise."""
-    check_nonneg_int("flame", "f", f)
-    return Flame(noise)
+    """FLAME (Nguyen et al., USENIX Security 2022): HDBSCAN filtering, median-norm clipping, noise;
+    n > 2f."""
+    return Flame(noise, f)

@@ -1,8 +1,21 @@
 """Pre-aggregation: Nearest Neighbour Mixing (a layer), bucketing (a wrapper around any registered
-aggregator) and Divide-and-Conquer (an aggregator)."""
+aggregator) and Divide-and-Conquer (an aggregator).
+
+Bounds, checked at each call on the active rows (w > 0) with the server's assumed f (rows that
+earlier layers rejected do not lower f; see ``robust``), raising ``BoundError``:
+
+* nnm: n > 2f (Allouah et al. 2023 assume fewer than half of the n clients Byzantine);
+* bucketing: n > 2sf (Karimireddy et al. 2022, Theorem I: bucketing turns a fraction delta of
+  Byzantine clients into at most s * delta Byzantine buckets, which the inner rule tolerates only
+  below its breakdown point 1/2); the inner rule then checks its own bound on the ceil(n / s)
+  bucket means with the same f;
+* dnc: n > 2f and n > ceil(c f) (Shejwalkar & Houmansadr 2021 assume a Byzantine minority, and
+  each iteration removes ceil(c f) rows, so some must remain).
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -19,7 +32,8 @@ from .robust import check_int, combine, finite_or_raise, make_report, prepare
 class NNM(Layer):
     """Nearest Neighbour Mixing (Allouah et al. 2023): replace each row by the mean of its n - f
     nearest rows (itself included), with one distance matrix and one [n, n] x [n, d] product.
-    Keeps n rows and their weights (rows with w == 0 pass through unchanged). Needs n > f.
+    Keeps n rows and their weights (rows with w == 0 pass through unchanged). Needs n > 2f (the
+    paper's setting: fewer than half of the clients Byzantine).
     Report scores: the mean squared distance of each row to the neighbours it mixed."""
 
     name = "nnm"
@@ -30,7 +44,7 @@ class NNM(Layer):
     def __call__(self, U, w, ctx: RoundContext):
         Ua, _, idx = prepare(self.name, U, w)
         n, f = Ua.shape[0], self.f
-        require_rows(self.name, n, f + 1, "n > f", f)
+        require_rows(self.name, n, 2 * f + 1, "n > 2f", f)
         k = n - f
         D = pairwise_sq_dists(Ua)
         D.fill_diagonal_(-1.0)  # each row is its own nearest neighbour, whatever the ties
@@ -54,20 +68,23 @@ class Bucketing(Aggregator):
     """Bucketing (Karimireddy et al. 2022): shuffle the active rows with ``ctx.generator``, average
     buckets of s rows, and aggregate the ceil(n / s) bucket means with an inner aggregator.
 
-    Setting f for the inner rule: f Byzantine clients spoil at most f buckets, so pass the same f
-    (the number of Byzantine clients); the inner rule's bound then applies to the number of
-    buckets, for example krum needs ceil(n / s) > 2f + 2. Report rows inherit their bucket's
-    inner score and selection; ``info['buckets']`` lists the rows of each bucket.
+    f (the number of Byzantine clients) is passed to the inner rule too: f Byzantine clients spoil
+    at most f buckets, so the inner rule's bound applies to the number of buckets, for example
+    krum needs ceil(n / s) > 2f + 2. Bucketing itself needs n > 2sf (Karimireddy et al. 2022,
+    Theorem I: delta * s below the inner rule's breakdown point 1/2). Report rows inherit their
+    bucket's inner score and selection; ``info['buckets']`` lists the rows of each bucket.
     """
 
-    def __init__(self, s: int, inner: Aggregator, inner_name: str):
+    def __init__(self, s: int, inner: Aggregator, inner_name: str, f: int = 0):
         self.s = s
+        self.f = check_nonneg_int(f"bucketing({inner_name})", "f", f)
         self.inner = inner
         self.name = f"bucketing({inner_name})"
 
     def __call__(self, U, w, ctx: RoundContext):
         Ua, _, idx = prepare(self.name, U, w)
         n = Ua.shape[0]
+        require_rows(self.name, n, 2 * self.s * self.f + 1, f"n > 2sf (s={self.s})", self.f)
         nb = math.ceil(n / self.s)
         perm = torch.randperm(n, generator=ctx.generator)
         bucket = torch.empty(n, dtype=torch.long)
@@ -89,7 +106,7 @@ class Bucketing(Aggregator):
         self.inner.load_state_dict(state)
 
     def __repr__(self):
-        return f"Bucketing(s={self.s}, inner={self.inner!r})"
+        return f"Bucketing(s={self.s}, f={self.f}, inner={self.inner!r})"
 
 
 class DnC(Aggregator):
@@ -97,7 +114,8 @@ class DnC(Aggregator):
     samples b coordinates (from ``ctx.generator``), centres the sub-matrix, scores each row by its
     squared projection on the top right singular vector (found through the small n x n Gram
     matrix) and drops the ceil(c f) highest; the
-    rows kept in every round are averaged. Needs n > ceil(c f). If the kept sets do not intersect,
+    rows kept in every round are averaged. Needs n > 2f (the paper's Byzantine minority) and
+    n > ceil(c f) (rows left after the removal). If the kept sets do not intersect,
     the rows kept most often are used (``info['fallback']``). Report scores: mean outlier score."""
 
     name = "dnc"
@@ -112,6 +130,7 @@ class DnC(Aggregator):
         Ua, _, idx = prepare(self.name, U, w, finite=True)
         n, d = Ua.shape
         drop = math.ceil(self.c * self.f - 1e-9)
+        require_rows(self.name, n, 2 * self.f + 1, "n > 2f", self.f)
         require_rows(self.name, n, drop + 1, "n > c*f", self.f)
         b = min(self.b, d)
         votes = torch.zeros(n, dtype=torch.long)
@@ -148,18 +167,20 @@ def nnm(f: int = 0) -> Layer:
 
 
 @DEFENSES.register("bucketing")
-def bucketing(s: int = 2, aggregator: str = "mean", **params: Any) -> Aggregator:
+def bucketing(s: int = 2, aggregator: str = "mean", f: int = 0, **params: Any) -> Aggregator:
     """Bucketing (Karimireddy et al. 2022): means of random buckets of s rows, then ``aggregator``
-    built with ``params`` (pass f = the number of Byzantine clients; see Bucketing)."""
+    built with ``params`` and the same f (the number of Byzantine clients; see Bucketing)."""
     check_int("bucketing", "s", s)
     if not isinstance(aggregator, str) or aggregator == "bucketing":
         raise PhalanxError(f"bucketing: aggregator must name a registered aggregator other than "
                            f"bucketing, got {aggregator!r}")
+    if "f" in inspect.signature(DEFENSES.get(aggregator)).parameters:
+        params["f"] = f  # the inner rule checks f first, in its own name
     inner = DEFENSES.build(aggregator, **params)
     if not isinstance(inner, Aggregator):
         raise PhalanxError(f"bucketing: aggregator must be an Aggregator, got {aggregator!r} "
                            f"({type(inner).__name__})")
-    return Bucketing(s, inner, aggregator)
+    return Bucketing(s, inner, aggregator, f)
 
 
 @DEFENSES.register("dnc")

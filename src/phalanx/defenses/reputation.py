@@ -15,9 +15,13 @@ reputation falls under ``threshold`` is quarantined (weight 0) until it climbs b
 assumed Byzantine count; a pipeline passes it), at most f clients are quarantined at a time, the
 lowest-scored, counting the rows earlier layers dropped that round: quarantining more would
 contradict the assumption and could leave the aggregator too few rows for its bound (a non-IID
-round can make honest clients look poor). In the pipeline the layer weights rows by reputation
-before aggregation and learns from the aggregate after it, so it may be listed before or after
-the aggregator.
+round can make honest clients look poor). With f > 0 the layer needs n > 2f active rows (w > 0)
+when it is called (``BoundError``): its agreement term is relative to the round's median cosine,
+which belongs to an honest client only under an honest majority, the same bound as the
+coordinate-wise median (Yin et al. 2018); this reputation rule is our own, no paper sets another.
+Rows earlier layers rejected do not lower f in that check (see ``robust``). In the pipeline the
+layer weights rows by reputation before aggregation and learns from the aggregate after it, so it
+may be listed before or after the aggregator.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 from ..context import RoundContext
 from ..errors import PhalanxError
 from ..registry import DEFENSES
-from .base import Layer, Report
+from .base import Layer, Report, require_rows
 from .validate import robust_z
 
 
@@ -62,6 +66,8 @@ class Reputation(Layer):
         return self.scores.get(cid, self.prior)
 
     def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
+        if self.f:
+            require_rows(self.name, int((w > 0).sum()), 2 * self.f + 1, "n > 2f", self.f)
         report = Report(self.name, n=U.shape[0])
         r = torch.tensor([self.score(c) for c in ctx.client_ids], dtype=torch.float64)
         w = w.clone()

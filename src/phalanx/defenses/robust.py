@@ -3,14 +3,34 @@ Bulyan, geometric median (RFA) and centered clipping.
 
 Weights: ``mean`` and ``geomed`` weight rows by ``w``; every other rule treats the rows with
 ``w > 0`` alike (a Byzantine client could claim a large weight), and rows with ``w == 0`` are
-ignored everywhere. Bounds on n and f are checked on the number of active rows at call time.
+ignored everywhere.
+
+Bounds. ``f`` is the server's assumed number of Byzantine clients. Factories check only that
+``f >= 0``; each call checks the rule's bound on n, the number of *active* rows (``w > 0``), and
+raises ``BoundError`` (``krum: needs n > 2f + 2 clients, got n=8, f=3``) when it cannot be met:
+
+=================  ===============  ==========================================================
+rule               needs            source
+=================  ===============  ==========================================================
+median             n > 2f           Yin et al. 2018: breakdown point 1/2 (alpha < 1/2)
+trimmed_mean       n > 2f           Yin et al. 2018: trim beta >= alpha, beta < 1/2
+krum, multi_krum   n > 2f + 2       Blanchard et al. 2017, Proposition 1 (2f + 2 < n)
+bulyan             n >= 4f + 3      El Mhamdi et al. 2018 (n >= 4f + 3)
+geomed             n > 2f           Pillutla et al. 2019 (RFA): breakdown point 1/2
+centered_clipping  n > 2f           Karimireddy et al. 2021: an honest majority (delta < 1/2)
+=================  ===============  ==========================================================
+
+Rows that earlier layers rejected do not lower f: they may all have been honest (a norm filter
+in a non-IID round), so up to f Byzantine rows may remain among the active ones, and the bound is
+applied to the active rows with the same f. With f = 0 every bound holds for n >= 1 (mean never
+uses f: it has no robustness to claim).
 
 Coordinate-wise rules sort cache-sized column blocks (numpy's SIMD sort on CPU, ``torch.sort``
 elsewhere), spread over ``torch.get_num_threads()`` threads. Distance-based rules build on one
 matrix product (``updates.pairwise_sq_dists``).
 
 Every factory also accepts ``f`` (the declared Byzantine count) so that a grid can pass the same
-``f`` to every defense; rules that do not need it say so.
+``f`` to every defense; rules whose computation does not use it still check their bound with it.
 """
 
 from __future__ import annotations
@@ -148,6 +168,11 @@ def sorted_column_map(U: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Te
     return out
 
 
+def honest_majority(name: str, n: int, f: int) -> None:
+    """The bound every rule needs at least: n > 2f (fewer than half of the rows Byzantine)."""
+    require_rows(name, n, 2 * f + 1, "n > 2f", f)
+
+
 def median_kernel(n: int) -> Callable[[torch.Tensor], torch.Tensor]:
     lo, hi = (n - 1) // 2, n // 2
     return lambda S: (S[:, lo] + S[:, hi]) * 0.5
@@ -179,14 +204,22 @@ class Mean(Aggregator):
 
 
 class Median(Aggregator):
-    """Coordinate-wise median (Yin et al. 2018); the mean of the two middle values when n is even."""
+    """Coordinate-wise median (Yin et al. 2018); the mean of the two middle values when n is even.
+    f is only checked: the median's breakdown point is 1/2, so it needs n > 2f."""
 
     name = "median"
 
+    def __init__(self, f: int = 0):
+        self.f = check_nonneg_int(self.name, "f", f)
+
     def __call__(self, U, w, ctx: RoundContext):
         Ua, _, idx = prepare(self.name, U, w)
+        honest_majority(self.name, Ua.shape[0], self.f)
         g = finite_or_raise(self.name, sorted_column_map(Ua, median_kernel(Ua.shape[0])))
-        return g, make_report(self.name, U.shape[0], idx)
+        return g, make_report(self.name, U.shape[0], idx, f=self.f)
+
+    def __repr__(self):
+        return f"Median(f={self.f})"
 
 
 class TrimmedMean(Aggregator):
@@ -201,7 +234,7 @@ class TrimmedMean(Aggregator):
     def __call__(self, U, w, ctx: RoundContext):
         Ua, _, idx = prepare(self.name, U, w)
         n, f = Ua.shape[0], self.f
-        require_rows(self.name, n, 2 * f + 1, "n > 2f", f)
+        honest_majority(self.name, n, f)
         g = sorted_column_map(Ua, lambda S: S[:, f:n - f].sum(1) / (n - 2 * f))
         return finite_or_raise(self.name, g), make_report(self.name, U.shape[0], idx, f=f)
 
@@ -288,11 +321,13 @@ class GeoMed(Aggregator):
     until v moves by less than tol * |v| or after ``iterations`` steps. (RFA stops on the
     relative change of the objective; with far-away outliers that objective is huge and stops
     too early, so the step size is used instead.) Report scores: the final normalised b_i;
-    ``info['objective']`` is sum_i w_i |v - U_i| / sum_i w_i."""
+    ``info['objective']`` is sum_i w_i |v - U_i| / sum_i w_i. f is only checked: the geometric
+    median's breakdown point is 1/2 (Pillutla et al.), so it needs n > 2f."""
 
     name = "geomed"
 
-    def __init__(self, iterations: int, nu: float, tol: float):
+    def __init__(self, iterations: int, nu: float, tol: float, f: int = 0):
+        self.f = check_nonneg_int(self.name, "f", f)
         self.iterations = check_int(self.name, "iterations", iterations)
         self.nu = check_positive(self.name, "nu", nu)
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
@@ -301,6 +336,7 @@ class GeoMed(Aggregator):
 
     def __call__(self, U, w, ctx: RoundContext):
         Ua, wa, idx = prepare(self.name, U, w)
+        honest_majority(self.name, Ua.shape[0], self.f)
         alpha = wa.double() / wa.double().sum()
         v = combine(alpha, Ua)
         beta, steps = alpha, 0
@@ -318,7 +354,7 @@ class GeoMed(Aggregator):
         return g, make_report(self.name, U.shape[0], idx, beta, iterations=steps, objective=obj)
 
     def __repr__(self):
-        return f"GeoMed(iterations={self.iterations}, nu={self.nu}, tol={self.tol})"
+        return f"GeoMed(iterations={self.iterations}, nu={self.nu}, tol={self.tol}, f={self.f})"
 
 
 class CenteredClipping(Aggregator):
@@ -327,11 +363,14 @@ class CenteredClipping(Aggregator):
     center is kept across rounds (``state_dict`` / ``load_state_dict``). Report scores are each
     row's distance to the starting center. ``tau="auto"`` sets tau at every iteration to the median
     distance of the rows to the current center, so it follows the scale of the updates (our choice:
-    the paper tunes a fixed tau)."""
+    the paper tunes a fixed tau). f is only checked: the paper's guarantee is for a Byzantine
+    fraction delta = f / n well under 1/2, and no aggregator survives delta >= 1/2, so it needs
+    n > 2f (we refuse only what no tau can rescue)."""
 
     name = "centered_clipping"
 
-    def __init__(self, tau: float | str, iterations: int):
+    def __init__(self, tau: float | str, iterations: int, f: int = 0):
+        self.f = check_nonneg_int(self.name, "f", f)
         self.tau = tau if tau == "auto" else check_positive(self.name, "tau", tau)
         self.iterations = check_int(self.name, "iterations", iterations)
         self.center: torch.Tensor | None = None
@@ -339,6 +378,7 @@ class CenteredClipping(Aggregator):
     def __call__(self, U, w, ctx: RoundContext):
         Ua, _, idx = prepare(self.name, U, w)
         n, d = Ua.shape
+        honest_majority(self.name, n, self.f)
         if self.center is None:
             v = torch.zeros(d, dtype=Ua.dtype, device=Ua.device)
         elif self.center.numel() != d:
@@ -373,7 +413,7 @@ class CenteredClipping(Aggregator):
         self.center = None if c is None else c.clone()
 
     def __repr__(self):
-        return f"CenteredClipping(tau={self.tau}, iterations={self.iterations})"
+        return f"CenteredClipping(tau={self.tau}, iterations={self.iterations}, f={self.f})"
 
 
 # ----------------------------------------------------------------------------- registry
@@ -387,9 +427,8 @@ def mean(f: int = 0) -> Aggregator:
 
 @DEFENSES.register("median")
 def median(f: int = 0) -> Aggregator:
-    """Coordinate-wise median (Yin et al. 2018). f is not used (breakdown point 1/2)."""
-    check_nonneg_int("median", "f", f)
-    return Median()
+    """Coordinate-wise median (Yin et al. 2018); f only checked: n > 2f (breakdown point 1/2)."""
+    return Median(f)
 
 
 @DEFENSES.register("trimmed_mean")
@@ -418,14 +457,12 @@ def bulyan(f: int = 0) -> Aggregator:
 
 @DEFENSES.register("geomed")
 def geomed(f: int = 0, iterations: int = 100, nu: float = 1e-6, tol: float = 1e-6) -> Aggregator:
-    """Geometric median by smoothed Weiszfeld (RFA, Pillutla et al. 2019). f is not used."""
-    check_nonneg_int("geomed", "f", f)
-    return GeoMed(iterations, nu, tol)
+    """Geometric median by smoothed Weiszfeld (RFA, Pillutla et al. 2019); f only checked: n > 2f."""
+    return GeoMed(iterations, nu, tol, f)
 
 
 @DEFENSES.register("centered_clipping")
 def centered_clipping(f: int = 0, tau: float | str = "auto", iterations: int = 5) -> Aggregator:
     """Centered clipping around the previous aggregate (Karimireddy et al. 2021); tau a number or
-    'auto' (the median distance to the center). f is not used."""
-    check_nonneg_int("centered_clipping", "f", f)
-    return CenteredClipping(tau, iterations)
+    'auto' (the median distance to the center). f only checked: n > 2f."""
+    return CenteredClipping(tau, iterations, f)
