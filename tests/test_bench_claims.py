@@ -101,3 +101,15 @@ def test_defense_f_axis_labels_only_the_rules_that_use_f(tmp_path):
     finals = {r["cell"]: r["final"] for r in Store(tmp_path / "g.db").runs()}
     got = {c.coords["defense"]: finals[c.key].get("defense_f") for c in cells}
     assert got == {"mean": None, "tm f=1": 1, "tm f=auto": 1}  # auto: floor((6 - 1) / 4)
+
+
+def test_report_rows_name_the_f_they_assumed(tmp_path):
+    from phalanx.report.tables import headline, load_results, summarize
+
+    g = copy.deepcopy(GRID)
+    g.update(seeds=[0], attacks={"sign": GRID["attacks"]["sign"]}, defenses={"mean": ["mean"], "tm": ["trimmed_mean"]},
+             defense_f=[1])
+    run_grid(parse_grid(g), tmp_path / "g.db", workers=1)
+    res = load_results(Store(tmp_path / "g.db"))
+    _, rows, _ = headline(res, summarize(res))
+    assert [r[0] for r in rows] == ["mean", "tm (f=1)"]

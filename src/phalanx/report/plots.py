@@ -115,7 +115,7 @@ def heatmap(res: Results, rows: list[Summary], scenario, metric: str) -> Figure:
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(attacks), 0.9 + 0.42 * len(rows)))
     im = ax.imshow(M, cmap="RdYlGn_r" if backdoor else "RdYlGn", vmin=lo, vmax=hi, aspect="auto")
     ax.set_xticks(range(len(attacks)), attacks, rotation=35, ha="right")
-    ax.set_yticks(range(len(rows)), [s.defense for s in rows])
+    ax.set_yticks(range(len(rows)), [s.label for s in rows])
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
             if not np.isnan(M[i, j]):

@@ -58,6 +58,7 @@ class CellRun:
     run_id: str
     rounds: list[dict]
     error: str | None = None  # set when the cell's newest run failed
+    defense_f: int | None = None  # the server's guess of f that the defense used (None: no stage uses f)
 
     @property
     def scenario(self) -> tuple[str, str, float]:
@@ -145,8 +146,9 @@ def load_results(store: Store, grid: str | None = None) -> Results:
                     missing += 1
                 continue
             if run_id not in cache:
-                cache[run_id] = store.read_run(run_id).rounds
-            r = CellRun(*row, run_id=run_id, rounds=cache[run_id])
+                rec = store.read_run(run_id)
+                cache[run_id] = (rec.rounds, rec.final.get("defense_f"))
+            r = CellRun(*row, run_id=run_id, rounds=cache[run_id][0], defense_f=cache[run_id][1])
             if r.scenario not in scenarios:
                 scenarios.append(r.scenario)
             runs.append(r)
@@ -210,6 +212,12 @@ class Summary:
     psnr: float | None
     cells: dict[tuple, Entry] = field(default_factory=dict)  # (scenario, attack) -> Entry
     epsilon: float | None = None  # the largest DP epsilon spent in the defense's runs, when tracked
+    f: str | None = None  # the server's guess(es) of f in the defense's runs, when a stage uses f
+
+    @property
+    def label(self) -> str:
+        """The defense's name, with the f its f-parametrised stages assumed."""
+        return self.defense if self.f is None or "f=" in self.defense else f"{self.defense} (f={self.f})"
 
 
 def reference(res: Results, scenario, defense: str) -> float | None:
@@ -262,10 +270,12 @@ def summarize(res: Results) -> list[Summary]:
         psnr = res.privacy.get(d)
         eps = [v for r in res.runs if r.defense == d for k in ("epsilon", "epsilon_central")
                if (v := r.final(k)) is not None]
+        fs = sorted({r.defense_f for r in res.runs if r.defense == d and r.defense_f is not None})
         out.append(Summary(d, _worst(fam["none"], False), _worst(fam["random"], False), _worst(fam["adaptive"], False),
                            _worst(fam["backdoor"], True), _worst(fam["malformed"], False), agg[d],
                            agg[d] / base_ms if agg[d] is not None and base_ms else None,
-                           statistics.median(psnr) if psnr else None, cells, max(eps) if eps else None))
+                           statistics.median(psnr) if psnr else None, cells, max(eps) if eps else None,
+                           "/".join(map(str, fs)) or None))
     return out
 
 
@@ -320,7 +330,7 @@ def headline(res: Results, rows: list[Summary]) -> tuple[list[str], list[list[st
         if malformed:
             cells.append(fmt_accuracy(res, s.malformed))
             families.append(s.malformed)
-        text.append([s.defense, fmt_accuracy(res, s.clean, False, False), *cells, over, priv])
+        text.append([s.label, fmt_accuracy(res, s.clean, False, False), *cells, over, priv])
         ticks.append([None, None, *(e.tick if e else None for e in families), None, None])
     cols = [c for c in COLUMNS if malformed or c != "Malformed updates"]
     return cols, text, ticks
@@ -331,7 +341,7 @@ def detail(res: Results, rows: list[Summary], scenario) -> tuple[list[str], list
     cols = ["Defense"] + [f"{a} ({f})" for a, f in res.attacks.items()]
     text, ticks = [], []
     for s in rows:
-        t_row, k_row = [s.defense], [None]
+        t_row, k_row = [s.label], [None]
         for a in res.attacks:
             e = s.cells.get((scenario, a))
             if e is None:
@@ -377,7 +387,8 @@ def legend(res: Results) -> str:
             f"(median over the defense's cells) and its ratio to '{res.baseline or '-'}'. Privacy: median PSNR "
             f"of iDLG reconstructions (LeNet, batch 1, Fashion-MNIST) from the single update the defense lets "
             f"through; lower means less leakage; ε: the differential-privacy budget spent (δ as configured), "
-            f"where a DP mechanism tracks it.")
+            f"where a DP mechanism tracks it. (f=k) after a defense: the number of Byzantine clients its "
+            f"f-parametrised stages assumed, the server's own guess (defense_f), not the attack's true count.")
 
 
 def markdown_table(cols: list[str], rows: list[list[str]]) -> str:
