@@ -10,6 +10,21 @@ Each row is timed next to two baselines measured in the same process:
 
 NNM is a layer; it is timed as ``nnm+mean``. Layers and post steps other than NNM are skipped.
 
+Each rule's *result* is checked too, on the same rows (the first ``--check-cols`` columns, all of
+them in ``--smoke``), with a fresh instance:
+
+* ``ref err``: the largest absolute difference, relative to the largest absolute input value,
+  from a slow float64 numpy reference of the whole rule (per-pair loops for Krum, Multi-Krum,
+  Bulyan and NNM; ``np.median``; a sort for the trimmed mean; Weiszfeld run to convergence for the
+  geometric median; the centered-clipping and FLTrust formulas; the mean for bucketing of equal
+  buckets around the mean). ``-`` where the rule is randomized or clusters (DnC, SignGuard,
+  FoolsGold, FLAME): those are judged by the next two columns only.
+* ``dev/mean``: the distance of the output to the mean of the honest rows, as a fraction of the
+  plain mean's distance to it. The first f rows are a simple attack (``-3 x`` the honest centre);
+  every rule meant to resist it ends below 1.
+* ``attackers out``: how many of the f attack rows the rule's report leaves unselected (``-``
+  when the rule reports no selection).
+
     python benchmarks/aggregators.py [--n 100] [--d 1000000] [--repeats 3] [--f F] [--threads T] [--smoke]
 
 ``--threads`` sets torch's and the BLAS libraries' thread count for both sides (default: torch's
@@ -140,6 +155,125 @@ class Reference:
         return table[name]() if name in table else None
 
 
+# ----------------------------------------------------------------------------- result checks
+
+def _pair_dists(A: np.ndarray) -> np.ndarray:
+    """Squared distances, one pair at a time (float64)."""
+    n = A.shape[0]
+    D = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            D[i, j] = D[j, i] = float(((A[i] - A[j]) ** 2).sum())
+    return D
+
+
+def _krum_scores(D: np.ndarray, f: int) -> np.ndarray:
+    n = D.shape[0]
+    k = min(max(n - f - 2, 1), n - 1)
+    return np.array([np.sort(np.delete(D[i], i))[:k].sum() for i in range(n)])
+
+
+def _weiszfeld(A: np.ndarray, nu: float = 1e-6, iterations: int = 5000) -> np.ndarray:
+    v = A.mean(0)
+    for _ in range(iterations):
+        b = 1.0 / np.maximum(nu, np.sqrt(((A - v) ** 2).sum(1)))
+        new = (b[:, None] * A).sum(0) / b.sum()
+        if np.linalg.norm(new - v) <= 1e-13 * np.linalg.norm(new):
+            return new
+        v = new
+    return v
+
+
+def _cclip(A: np.ndarray, iterations: int = 5) -> np.ndarray:
+    """Centered clipping from a zero center, tau = the median distance at each iteration (the
+    lower middle one for even n, as ``torch.median``)."""
+    v = np.zeros(A.shape[1])
+    for _ in range(iterations):
+        dist = np.sqrt(((A - v) ** 2).sum(1))
+        tau = float(np.sort(dist)[(len(dist) - 1) // 2])
+        v = v + np.mean([min(1.0, tau / dist[i]) * (A[i] - v) for i in range(len(A))], axis=0)
+    return v
+
+
+def _bulyan(A: np.ndarray, f: int) -> np.ndarray:
+    n = A.shape[0]
+    theta, beta = n - 2 * f, n - 4 * f
+    D, remaining, chosen = _pair_dists(A), list(range(n)), []
+    for _ in range(theta):
+        sub = D[np.ix_(remaining, remaining)]
+        best = remaining[int(np.argmin(_krum_scores(sub, f)))]
+        chosen.append(best)
+        remaining.remove(best)
+    S = A[sorted(chosen)]
+    med = np.median(S, 0)
+    out = np.empty(A.shape[1])
+    for j in range(A.shape[1]):  # per column: the beta values closest to the median
+        out[j] = S[np.argsort(np.abs(S[:, j] - med[j]), kind="stable")[:beta], j].mean()
+    return out
+
+
+def _nnm_mean(A: np.ndarray, f: int) -> np.ndarray:
+    D = _pair_dists(A)
+    np.fill_diagonal(D, -1.0)
+    return np.mean([A[np.argsort(D[i], kind="stable")[: len(A) - f]].mean(0) for i in range(len(A))], axis=0)
+
+
+def _fltrust(A: np.ndarray, g0: np.ndarray) -> np.ndarray:
+    n0 = np.linalg.norm(g0)
+    trust = [max(0.0, float(a @ g0) / (np.linalg.norm(a) * n0)) for a in A]
+    return sum(t * n0 / np.linalg.norm(a) * a for t, a in zip(trust, A)) / sum(trust)
+
+
+def value_reference(label: str, A: np.ndarray, f: int, server: np.ndarray) -> np.ndarray | None:
+    """A slow float64 reference of the rule's output on A (None: randomized or clustering rules)."""
+    n = A.shape[0]
+    if label == "mean" or (label == "bucketing" and n % 2 == 0):  # equal buckets of 2 around the mean
+        return A.mean(0)
+    if label == "median":
+        return np.median(A, 0)
+    if label == "trimmed_mean":
+        return np.sort(A, 0)[f:n - f].mean(0)
+    if label in ("krum", "multi_krum"):
+        order = np.argsort(_krum_scores(_pair_dists(A), f), kind="stable")
+        return A[order[:1 if label == "krum" else n - f]].mean(0)
+    if label == "bulyan":
+        return _bulyan(A, f)
+    if label == "geomed":
+        return _weiszfeld(A)
+    if label == "centered_clipping":
+        return _cclip(A)
+    if label == "nnm+mean":
+        return _nnm_mean(A, f)
+    if label == "fltrust":
+        return _fltrust(A, server)
+    return None
+
+
+# tolerance of ``ref err`` (relative to max |U|): float32 sums of n terms against float64 differ
+# by a few float32 epsilons (1.2e-7) times n at most, far below 1e-5; geomed stops when its
+# step falls under 1e-6 of |v| (slow linear convergence can leave more than the step), where the
+# reference runs on to 1e-13, so it gets 1e-3
+REF_TOL = {"geomed": 1e-3}
+REF_TOL_DEFAULT = 1e-5
+
+
+def check_result(label: str, make, U: torch.Tensor, f: int, server: torch.Tensor) -> dict:
+    """Run a fresh instance once on U and compare with the references (see the module docstring)."""
+    g, report = make(U, server)
+    g = g.double().numpy()
+    A = U.double().numpy()
+    honest = A[f:].mean(0)
+    base_dev = float(np.linalg.norm(A.mean(0) - honest))
+    ref = value_reference(label, A, f, server.double().numpy())
+    err = None if ref is None else float(np.abs(g - ref).max() / np.abs(A).max())
+    sel = getattr(report, "selected", None) if report is not None else None
+    out = None if sel is None else int((~sel[:f]).sum())
+    return {"finite": bool(np.isfinite(g).all()) and g.shape == (A.shape[1],), "err": err,
+            "tol": REF_TOL.get(label, REF_TOL_DEFAULT),
+            "dev": float(np.linalg.norm(g - honest)) / base_dev if base_dev > 0 else float("nan"),
+            "out": out}
+
+
 # ----------------------------------------------------------------------------- main
 
 def build(name: str, f: int):
@@ -157,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--f", type=int, default=None, help="Byzantine count (default min(n//5, (n-3)//4))")
     ap.add_argument("--threads", type=int, default=None, help="torch/BLAS threads (default: torch's)")
+    ap.add_argument("--check-cols", type=int, default=65536,
+                    help="columns of the matrix on which results are checked against the references")
     ap.add_argument("--smoke", action="store_true", help="a tiny size for tests")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -182,33 +318,47 @@ def run(a: argparse.Namespace) -> None:
 
     print(f"aggregators: n={n}, d={d:,}, f={f}, float32, torch threads={torch.get_num_threads()}, "
           f"best of {a.repeats}")
-    head = f"{'name':<20}{'ms':>10}{'x floor':>9}  {'reference':<24}{'ref ms':>11}{'x faster':>10}"
+    head = (f"{'name':<20}{'ms':>10}{'x floor':>9}  {'reference':<24}{'ref ms':>11}{'x faster':>10}"
+            f"{'ref err':>10}{'dev/mean':>10}{'attackers out':>15}")
     print(head)
     print("-" * len(head))
     results: dict[str, tuple[float, float, float | None]] = {}
+    checks: dict[str, dict] = {}
+    cols = min(d, a.check_cols)
+    Uc = U[:, :cols].contiguous()
     for name in DEFENSES.names():
         try:
             obj = build(name, f)
         except Exception:  # another module's defense that needs parameters we cannot guess
             continue
         if isinstance(obj, Layer) and name == "nnm":
+            def fresh(V, s, name=name):  # a new instance on (V, s): the result check
+                layer, mean, ctx = build(name, f), DEFENSES.build("mean"), simple_round_context(
+                    V, server_update=lambda: s)
+                V2, w2, _ = layer(V, torch.ones(V.shape[0]), ctx)
+                return mean(V2, w2, ctx)
+            label = "nnm+mean"
+        elif isinstance(obj, Aggregator):
+            def fresh(V, s, name=name):
+                return build(name, f)(V, torch.ones(V.shape[0]), simple_round_context(V, server_update=lambda: s))
+            label = name
+        else:
+            continue
+        if isinstance(obj, Layer):
             mean = DEFENSES.build("mean")
 
             def call(obj=obj, mean=mean):
                 ctx = simple_round_context(U, server_update=lambda: server)
                 V, w2, _ = obj(U, w, ctx)
                 return mean(V, w2, ctx)
-            label = "nnm+mean"
-        elif isinstance(obj, Aggregator):
+        else:
             def call(obj=obj):
                 return obj(U, w, simple_round_context(U, server_update=lambda: server))
-            label = name
-        else:
-            continue
         fl = floor()
         try:
             out = []
             ms = best_ms(lambda: out.append(call()), a.repeats)
+            chk = check_result(label, fresh, Uc, f, server[:cols])
         except Exception as e:  # noqa: BLE001
             print(f"{label:<20}  skipped: {type(e).__name__}: {e}")
             continue
@@ -218,7 +368,11 @@ def run(a: argparse.Namespace) -> None:
         results[label] = (ms, ms / fl, ref_ms)
         faster = f"{ref_ms / ms:10.1f}" if ref_ms else f"{'-':>10}"
         ref_col = f"{ref_ms:11.1f}" if ref_ms else f"{'-':>11}"
-        print(f"{label:<20}{ms:10.1f}{ms / fl:9.1f}  {ref_txt:<24}{ref_col}{faster}")
+        err = "nonfinite" if not chk["finite"] else f"{chk['err']:.1e}" if chk["err"] is not None else "-"
+        att = f"{chk['out']}/{f}" if chk["out"] is not None else "-"
+        print(f"{label:<20}{ms:10.1f}{ms / fl:9.1f}  {ref_txt:<24}{ref_col}{faster}"
+              f"{err:>10}{chk['dev']:>10.3f}{att:>15}")
+        checks[label] = chk
         out.clear()
 
     def xf(k: str) -> str:
@@ -226,6 +380,10 @@ def run(a: argparse.Namespace) -> None:
 
     krum = results.get("krum")
     speed = f"{krum[2] / krum[0]:.0f}x" if krum and krum[2] else "n/a"
+    bad = [k for k, c in checks.items() if not c["finite"] or (c["err"] is not None and c["err"] > c["tol"])]
+    print(f"results checked on {n} x {cols:,}: {sum(c['err'] is not None for c in checks.values())} rules "
+          f"against a float64 reference (tolerance {REF_TOL_DEFAULT:g} of max |U|, geomed "
+          f"{REF_TOL['geomed']:g}), " + (f"MISMATCH: {', '.join(bad)}" if bad else "all within tolerance"))
     print(f"median {xf('median')}, trimmed_mean {xf('trimmed_mean')}; "
           f"krum {speed} faster than per-pair reference")
 
