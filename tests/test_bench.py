@@ -142,7 +142,9 @@ def test_audit_rule_follows_the_stages():
     assert audit_rule([{"update_clip": {"max_norm": 2}}, {"grad_noise": {"sigma": 0.1}}, "mean"], 10) == [
         ["clip", 2.0], ["noise", 0.1, "gaussian"]]
     assert audit_rule([{"update_clip": {"max_norm": 2}}, "mean", {"central_dp": {"noise_multiplier": 1.5, "clip": 2}}],
-                      10) == [["clip", 2.0], ["clip", 2.0], ["noise", 3.0, "gaussian"]]
+                      10) == [["clip", 2.0], ["noise", 6.0, "gaussian"]]  # 2 z C: the mean's sensitivity is 2C max p
+    assert audit_rule([{"update_clip": {"max_norm": 2}}, "mean", {"central_dp": {"noise_multiplier": 1.5}}],
+                      10) == [["clip", 2.0], ["noise", 6.0, "gaussian"]]
     assert audit_rule(["mean", {"weak_dp": {"sigma": 0.01}}], 20) == [["noise", 0.2, "gaussian"]]
     assert audit_rule([{"prune": {"ratio": 0.9}}, "median"], 10) == [["prune", 0.9]]
     assert audit_rule(["mean"], 10, dp_sgd=(1.5, 2.0)) == [["clip", 2.0], ["noise", 3.0, "gaussian"]]

@@ -64,8 +64,6 @@ def test_central_dp_noise_follows_the_sample_weights(tiny_config):
     assert info["sigma"] == pytest.approx(info["sensitivity"])
 
 
-@pytest.mark.xfail(strict=True, reason="federation.py must pass sample_rate = clients_per_round / num_clients "
-                                       "to build_defense (see CentralDP's docstring)")
 def test_central_dp_accounts_with_the_client_sampling_rate(tiny_config):
     from phalanx.defenses.privacy import dp_epsilon
 

@@ -6,7 +6,7 @@ update one client sends *after* the defense's transforms that touch an individua
 applied in stage order: ``clip``/``update_clip`` with a fixed bound clip it (data-dependent
 bounds, 'auto' and 'quantile', leave it as is), ``grad_noise`` adds its noise, ``prune`` prunes,
 ``central_dp`` clips to its bound and adds its aggregate noise seen at the scale of one update
-(n * sigma = z * C), and ``weak_dp`` adds n * sigma. Every other stage (robust aggregators,
+(n * sigma = 2 * z * C with C the clip layer's bound, see CentralDP), and ``weak_dp`` adds n * sigma. Every other stage (robust aggregators,
 validation, reputation, signatures) lets a selected update through unchanged. The shared update
 is the image's gradient (one local step at learning rate 1), and the defense's numbers are used
 as configured, in update units. Identical rules share their probes, which are stored once.
@@ -50,8 +50,10 @@ def audit_rule(stages: list, clients_per_round: int, dp_sgd: tuple[float, float]
             rule.append(["noise", float(p["sigma"]), p.get("kind", "gaussian")])
         elif name == "prune":
             rule.append(["prune", float(p["ratio"])])
-        elif name == "central_dp":
-            rule += [["clip", float(p["clip"])], ["noise", float(p["noise_multiplier"]) * float(p["clip"]), "gaussian"]]
+        elif name == "central_dp":  # noise z * 2C * max share; at one update's scale (equal shares) 2zC
+            bounds = [r[1] for r in rule if r[0] == "clip"] + ([float(p["clip"])] if p.get("clip") else [])
+            if bounds:
+                rule.append(["noise", 2 * float(p["noise_multiplier"]) * min(bounds), "gaussian"])
         elif name == "weak_dp":
             bound = next((p[k] for k in ("max_norm", "clip", "norm_bound") if isinstance(p.get(k), (int, float))), None)
             sigma = next((p[k] for k in ("sigma", "std", "noise") if isinstance(p.get(k), (int, float))), None)

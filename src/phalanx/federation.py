@@ -109,6 +109,7 @@ class Federation:
             registry = KeyRegistry()
             self.signers = {cid: ClientSigner(cid, registry.generate(cid)) for cid in self.client_ids}
             inject = {"registry": registry, "run_id": cfg.name}
+        inject["sample_rate"] = (fed.clients_per_round or fed.num_clients) / fed.num_clients  # central DP's q
         self.defense = build_defense(cfg.defense, f=self.server_f, **inject)
         self.uses_f = any(getattr(stage, "f", None) is not None for stage in self.defense.stages)
         self.spec = LocalSpec(fed.local_epochs, fed.batch_size, fed.lr, fed.momentum, fed.weight_decay,
