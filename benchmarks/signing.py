@@ -10,6 +10,11 @@ median ``torch.median(U, 0)`` of the same matrix. Times are medians over ``--rep
 Both sides get the same thread budget (``--threads``, default 1: on a shared machine extra torch
 threads mostly measure contention).
 
+Before the headline, a line checks what the timing relies on: the ``verify`` layer accepts every
+honestly signed row and rejects every forged one, for each kind of forgery (a row changed after
+signing, a signature by a key other than the registered one, another client's envelope, a replayed
+envelope, an envelope for another round or another run), with the reason it records.
+
 The last line is the headline: verify time of one round as a multiple of one median aggregation.
 """
 
@@ -71,6 +76,47 @@ def measure(n: int, d: int, repeats: int, workers: int, seed: int = 0) -> dict[s
     return {"d": d, "sign": sign, "sha": sha, "verify": verify, "mean": mean, "median": median}
 
 
+FORGERIES = {  # kind -> the reason the verify layer must record for every row
+    "tampered row": "digest_mismatch", "wrong key": "bad_signature", "impersonation": "impersonation",
+    "replay": "replayed_nonce", "stale round": "stale_round", "wrong run": "wrong_run"}
+
+
+def forgery_check(n: int, d: int, seed: int = 0) -> dict[str, tuple[int, int]]:
+    """For honest rows and each kind of forgery: (rows handled as expected, rows). Honest rows must
+    all be accepted; forged rows must all be rejected with the reason in FORGERIES."""
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.randn(n, d, generator=gen)
+    ids = [f"c{i}" for i in range(n)]
+    reg, rogue = KeyRegistry(), KeyRegistry()
+    signers = {cid: ClientSigner(cid, reg.generate(cid)) for cid in ids}
+    impostors = {cid: ClientSigner(cid, rogue.generate(cid)) for cid in ids}  # same ids, other keys
+    run_id, rnd, w = "bench", 3, torch.ones(n)
+
+    def verify(V, envs, layer=None, round_=rnd):
+        layer = layer or Verify(reg, run_id)
+        _, w2, rep = layer(V, w, simple_round_context(V, round=round_, extras={"envelopes": envs}))
+        return w2, rep
+
+    out = {}
+    layer = Verify(reg, run_id)
+    envs = sign_updates(U, signers, ids, run_id, rnd)
+    w2, rep = verify(U, envs, layer)
+    out["honest"] = (sum(1 for i in range(n) if w2[i] > 0 and i not in rep.reasons), n)
+    forged = {
+        "tampered row": (U + torch.where(torch.arange(d) == 0, 1e-3, 0.0), sign_updates(U, signers, ids, run_id, rnd)),
+        "wrong key": (U, sign_updates(U, impostors, ids, run_id, rnd)),
+        "impersonation": (U, [sign_updates(U, signers, ids, run_id, rnd)[(i + 1) % n] for i in range(n)]),
+        "stale round": (U, sign_updates(U, signers, ids, run_id, rnd - 1)),
+        "wrong run": (U, sign_updates(U, signers, ids, "another-run", rnd)),
+    }
+    for kind, (V, e) in forged.items():
+        w2, rep = verify(V, e)
+        out[kind] = (sum(1 for i in range(n) if w2[i] == 0 and rep.reasons.get(i) == FORGERIES[kind]), n)
+    w2, rep = verify(U, envs, layer)  # the envelopes accepted above, sent again to the same server
+    out["replay"] = (sum(1 for i in range(n) if w2[i] == 0 and rep.reasons.get(i) == "replayed_nonce"), n)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dims", default="100000,1000000", help="comma-separated update sizes d")
@@ -101,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
                       f"{r['verify'] / r['mean']:.2f}x", f"{r['verify'] / r['median']:.2f}x")
     console = Console(width=160)
     console.print(table)
+    checked = forgery_check(args.n, min(dims))
+    print(f"signature check at d={_fmt_d(min(dims))}: honest rows accepted {'%d/%d' % checked['honest']}; "
+          "forged rows rejected with the expected reason: "
+          + ", ".join(f"{k} {'%d/%d' % checked[k]}" for k in FORGERIES))
     top = rows[-1]
     print(f"verify of {args.n} updates at d={_fmt_d(top['d'])} = {top['verify'] / top['median']:.2f}x "
           f"of one median aggregation ({top['verify'] / top['mean']:.1f}x of one mean; "
