@@ -333,3 +333,72 @@ def test_registry_errors_are_clear(tmp_path):
         KeyRegistry.open(tmp_path / "bad.db")
     with pytest.raises(PhalanxError, match="expected dir or db, got both"):
         KeyRegistry(dir=tmp_path / "k", db=tmp_path / "x.db")
+
+
+# --------------------------------------------------------------- one client, one row per round
+def test_a_second_validly_signed_row_of_a_client_is_a_duplicate(world):
+    reg, signers = world
+    U, envs = _honest(signers)
+    extra = torch.stack([U[1] + 5.0, U[1] - 5.0])
+    extra_envs = [signers["h1"].sign(row, RUN, RND) for row in extra]  # fresh nonces, valid signatures
+    assert extra_envs[0].nonce != envs[1].nonce
+    U2 = torch.cat([U, extra])
+    layer = Verify(reg, RUN, max_round_lag=1)
+    _, w, rep = _run(layer, U2, envs + extra_envs, HONEST + ["h1", "h1"])
+    assert rep.reasons == {3: "duplicate_client", 4: "duplicate_client"} and "duplicate_client" in REASONS
+    assert w.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0] and rep.info["duplicates"] == 2
+    torch.testing.assert_close(_kept_mean(U2, w), U.mean(0))
+    # the duplicate's nonce is remembered: replayed alone in the next round it is still refused
+    U6, envs6 = _honest(signers, rnd=RND + 1)
+    U6[1], envs6[1] = extra[0], extra_envs[0]
+    _, w, rep = _run(layer, U6, envs6, HONEST, rnd=RND + 1)
+    assert rep.reasons == {1: "replayed_nonce"}
+
+
+def test_a_forged_row_ahead_does_not_use_up_the_genuine_one(world):
+    reg, signers = world
+    U, envs = _honest(signers)
+    forged = dataclasses.replace(signers["h1"].sign(U[1] * 0 + 9.0, RUN, RND), signature=envs[0].signature)
+    U2 = torch.cat([U[1:2] * 0 + 9.0, U])
+    _, w, rep = _run(Verify(reg, RUN), U2, [forged] + envs, ["h1"] + HONEST)
+    assert rep.reasons == {0: "bad_signature"} and w.tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_a_second_row_in_a_later_call_for_the_same_round_is_a_duplicate_even_after_resume(world):
+    reg, signers = world
+    U, envs = _honest(signers)
+    first = Verify(reg, RUN, max_round_lag=1)
+    assert not _run(first, U, envs, HONEST)[2].reasons
+    late = U[:1] + 1.0
+    late_env = [signers["h0"].sign(late[0], RUN, RND)]
+    _, w, rep = _run(first, late, late_env, ["h0"])
+    assert rep.reasons == {0: "duplicate_client"} and not w.any()
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = Verify(reg, RUN, max_round_lag=1)
+    resumed.load_state_dict(state)
+    late_env = [signers["h0"].sign(late[0], RUN, RND)]
+    assert _run(resumed, late, late_env, ["h0"])[2].reasons == {0: "duplicate_client"}
+    # the next round is a new round: one row each again
+    U6, envs6 = _honest(signers, rnd=RND + 1)
+    assert not _run(resumed, U6, envs6, HONEST, rnd=RND + 1)[2].reasons
+
+
+def test_resume_from_state_dict_into_a_fresh_layer_blocks_a_replay_in_the_next_round(world):
+    reg, signers = world
+    before = Verify(reg, RUN, max_round_lag=2)
+    U, envs = _honest(signers)
+    _run(before, U, envs, HONEST)  # round 5, then a checkpoint
+    resumed = Verify(reg, RUN, max_round_lag=2)  # a new process builds the layer afresh
+    resumed.load_state_dict(json.loads(json.dumps(before.state_dict())))
+    assert resumed.state_dict() == before.state_dict()
+    U6, envs6 = _honest(signers, rnd=RND + 1)
+    U6[2], envs6[2] = U[2], envs[2]  # h2's round-5 envelope replayed in round 6
+    _, w, rep = _run(resumed, U6, envs6, HONEST, rnd=RND + 1)
+    assert rep.reasons == {2: "replayed_nonce"} and w.tolist() == [1.0, 1.0, 0.0]
+    fresh = Verify(reg, RUN, max_round_lag=2)  # control: without the state it would pass
+    assert not _run(fresh, U6, envs6, HONEST, rnd=RND + 1)[2].reasons
+    # a checkpoint written before 'counted' existed still loads
+    old = {k: v for k, v in before.state_dict().items() if k != "counted"}
+    Verify(reg, RUN, max_round_lag=2).load_state_dict(old)
+    with pytest.raises(PhalanxError, match="verify: state counted must map client id -> round"):
+        Verify(reg, RUN).load_state_dict({**before.state_dict(), "counted": [1, 2]})

@@ -14,8 +14,12 @@ Implemented here (ECDSA P-256 with SHA-256, FIPS 186-4, through the ``cryptograp
 * **ClientSigner.** What a client runs: ``sign(row, run_id, round) -> Envelope``.
 * **Verify layer** (``DEFENSES["verify"]``): gives weight 0 to every row whose envelope fails and
   records one reason from ``REASONS``. Nonces are remembered for the rounds still inside the
-  acceptance window ``[round - max_round_lag, round]`` (anything older is ``stale_round``), and
-  ``state_dict`` keeps them so a resumed run still blocks replays.
+  acceptance window ``[round - max_round_lag, round]`` (anything older is ``stale_round``). One
+  client, one row per round: once a row of a client id passes every check, any further row of
+  that id in the same round (in the same call, or a later call for the same ``ctx.round``) is
+  rejected as ``duplicate_client``, however validly signed; its nonce is remembered all the same,
+  so it cannot be replayed later. ``state_dict`` keeps the nonces and each client's last counted
+  round, so a resumed run still blocks replays and second rows.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from .base import Layer, Report, check_nonneg_int
 
 MAGIC = b"phalanx-envelope-v1\n"
 REASONS = ("missing_signature", "malformed_envelope", "impersonation", "wrong_run", "unknown_client",
-           "revoked_client", "stale_round", "bad_signature", "digest_mismatch", "replayed_nonce")
+           "revoked_client", "stale_round", "bad_signature", "digest_mismatch", "replayed_nonce",
+           "duplicate_client")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ECDSA = ec.ECDSA(hashes.SHA256())
@@ -156,7 +161,12 @@ class Verify(Layer):
     """Zero-weights rows whose envelope (``ctx.extras["envelopes"]``) fails; see ``REASONS``.
 
     It judges who sent a row, not what the row says: Byzantine clients hold valid keys, so an
-    attacker simulating the server leaves it out (``Pipeline.as_attackers_see_it``)."""
+    attacker simulating the server leaves it out (``Pipeline.as_attackers_see_it``).
+
+    Duplicates: the first row of a client id that passes every check counts (rows are taken in
+    order); every later row of that id in the round that would also pass is ``duplicate_client``.
+    A row that fails a check keeps its own reason and does not use up the client's row, so a
+    forged row sent ahead under a client's id cannot silence the genuine one."""
 
     name = "verify"
     judges_identity = True
@@ -174,6 +184,7 @@ class Verify(Layer):
         workers = check_nonneg_int("verify", "workers", workers)
         self.workers = workers or min(8, os.cpu_count() or 1)
         self._nonces: dict[int, set[str]] = {}
+        self._counted: dict[str, int] = {}  # client id -> the last round a row of it was accepted
 
     def _meta_reason(self, env: Any, cid: Any, rnd: int) -> tuple[str | None, Any]:
         """Every check but the digest and the nonce; returns (reason or None, the Envelope)."""
@@ -222,6 +233,7 @@ class Verify(Layer):
             envs = [object()] * n  # cannot align them with rows: every row is malformed
         for r in [r for r in self._nonces if r < rnd - self.max_round_lag]:
             del self._nonces[r]
+        self._counted = {c: r for c, r in self._counted.items() if r >= rnd}  # older: no longer needed
         checked: dict[int, Envelope] = {}
         for i in range(n):
             try:
@@ -240,6 +252,8 @@ class Verify(Layer):
         else:
             digests = [row_digest(rows[i]) for i in idx]
         batch: set[str] = set()
+        counted: set[str] = set()  # client ids with a row accepted in this call
+        duplicates = 0
         for i, dig in zip(idx, digests):
             env = checked[i]
             if not secrets.compare_digest(dig, env.digest):
@@ -249,33 +263,51 @@ class Verify(Layer):
             else:
                 batch.add(env.nonce)
                 self._nonces.setdefault(env.round, set()).add(env.nonce)
+                if env.client_id in counted or self._counted.get(env.client_id) == rnd:
+                    report.reject(i, "duplicate_client")
+                    duplicates += 1
+                else:
+                    counted.add(env.client_id)
+        for cid in counted:
+            self._counted[cid] = rnd
         rejected = sorted(report.reasons)
         w = w.clone()
         if rejected:
             w[torch.tensor(rejected, dtype=torch.long, device=w.device)] = 0
         report.selected = torch.ones(n, dtype=torch.bool)
         report.selected[rejected] = False
-        report.info.update(accepted=n - len(rejected), rejected=len(rejected),
+        report.info.update(accepted=n - len(rejected), rejected=len(rejected), duplicates=duplicates,
                            nonces_remembered=sum(len(s) for s in self._nonces.values()))
         return U, w, report
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "nonces": {str(r): sorted(s) for r, s in self._nonces.items()}}
+        """JSON-friendly: the remembered nonces per envelope round, and each client's last round
+        with an accepted row (so a resumed run still rejects replays and second rows)."""
+        return {"run_id": self.run_id, "nonces": {str(r): sorted(s) for r, s in self._nonces.items()},
+                "counted": dict(sorted(self._counted.items()))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        if not isinstance(state, Mapping) or set(state) != {"run_id", "nonces"}:
+        keys = set(state) if isinstance(state, Mapping) else None
+        if keys is None or not {"run_id", "nonces"} <= keys <= {"run_id", "nonces", "counted"}:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-            raise PhalanxError(f"verify: state must have keys nonces, run_id; got {got}")
+            raise PhalanxError(f"verify: state must have keys nonces, run_id (and counted); got {got}")
         if state["run_id"] != self.run_id:
             raise PhalanxError(f"verify: state is for run_id {state['run_id']!r}, "
                                f"expected this layer's run_id {self.run_id!r}")
         try:
-            self._nonces = {int(r): {str(x) for x in s} for r, s in dict(state["nonces"]).items()}
+            nonces = {int(r): {str(x) for x in s} for r, s in dict(state["nonces"]).items()}
         except (TypeError, ValueError):
             raise PhalanxError("verify: state nonces must map round -> list of hex nonces, got "
                                f"{type(state['nonces']).__name__}") from None
+        raw = state.get("counted", {})  # absent in checkpoints written before it existed
+        try:
+            counted = {str(c): int(r) for c, r in dict(raw).items()}
+        except (TypeError, ValueError):
+            raise PhalanxError("verify: state counted must map client id -> round, got "
+                               f"{type(raw).__name__}") from None
+        self._nonces, self._counted = nonces, counted
 
     def __repr__(self) -> str:
         return f"Verify(run_id={self.run_id!r}, max_round_lag={self.max_round_lag}, registry={self.registry!r})"
