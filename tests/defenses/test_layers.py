@@ -218,3 +218,65 @@ def test_reputation_with_f_needs_an_honest_majority_of_active_rows(f, least):
     with pytest.raises(BoundError, match=f"got n={least - 1}, f={f}"):
         rep(U, w, simple_round_context(U))
     Reputation(use_validation=False)(U[:1], torch.ones(1), simple_round_context(U[:1]))  # f=None: no bound
+
+
+def _reputation_round(pipe, r, n_clients=12, k=9):
+    """Round r: k of n_clients sampled (partial participation); c0..c2 sign-flip, c3 scales up."""
+    g = torch.Generator().manual_seed(100 + r)
+    ids = sorted(torch.randperm(n_clients, generator=g)[:k].tolist())
+    U = honest(k, seed=r)
+    for row, c in enumerate(ids):
+        if c < 3:
+            U[row] = -U[row]
+        elif c == 3:
+            U[row] = U[row] * 8.0
+    ctx = simple_round_context(U, round=r, val_loss=lambda p: float((p - 1.0).square().mean()))
+    ctx.client_ids = [f"c{c}" for c in ids]
+    w = torch.ones(k)
+    w[0] = 0.0 if r % 3 == 0 else 1.0  # now and then an earlier layer dropped a row
+    g_out, report = pipe(U, w, ctx)
+    rep = report.info["reports"][0]
+    return g_out, rep.scores.clone(), sorted(rep.reasons.items()), sorted(report.reasons.items())
+
+
+def test_reputation_resumed_from_state_dict_continues_exactly_like_an_uninterrupted_run():
+    import copy
+    import json
+
+    from phalanx.registry import DEFENSES
+
+    params = {"decay": 0.6, "f": 3, "threshold": 0.35, "release": 0.55}
+    straight = DEFENSES.build("reputation", **params)
+    first = DEFENSES.build("reputation", **params)
+    pipe_s, pipe_1 = Pipeline([straight], Mean()), Pipeline([first], Mean())
+    for r in range(5):
+        _reputation_round(pipe_s, r)
+        _reputation_round(pipe_1, r)
+    state = first.state_dict()
+    saved = copy.deepcopy(state)
+    assert set(state) >= {"scores", "quarantined", "history"} and state["quarantined"]
+    resumed = DEFENSES.build("reputation", **params)  # a fresh process
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # checkpoints may go through JSON
+    assert resumed.state_dict() == state
+    pipe_r = Pipeline([resumed], Mean())
+    for r in range(5, 12):
+        a, b = _reputation_round(pipe_s, r), _reputation_round(pipe_r, r)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2:] == b[2:], r
+    assert resumed.state_dict() == straight.state_dict()
+    assert first.state_dict() == saved  # saving handed out copies: the layer's state is its own
+
+
+def test_reputation_load_state_dict_refuses_a_state_it_cannot_use():
+    rep = Reputation()
+    good = {"scores": {"c0": 0.2, "c1": 0.9}, "quarantined": ["c0"], "history": {"c0": [0.2], "c1": [0.9]}}
+    rep.load_state_dict(good)
+    assert rep.quarantined == {"c0"} and rep.score("c1") == 0.9
+    for bad, what in [({"score": {}}, "keys"),
+                      ({**good, "extra": 1}, "keys"),
+                      ({**good, "scores": {"c0": "high"}}, "scores"),
+                      ({**good, "scores": [0.2]}, "scores"),
+                      ({**good, "quarantined": ["c9"]}, "quarantined"),
+                      ({**good, "history": {"c0": 0.2}}, "history")]:
+        with pytest.raises(PhalanxError, match=f"reputation: state {what}"):
+            Reputation().load_state_dict(bad)
+    Reputation().load_state_dict({})  # a fresh pipeline slot: nothing to restore

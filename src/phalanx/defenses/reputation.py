@@ -124,13 +124,39 @@ class Reputation(Layer):
             self.quarantined = set(sorted(self.quarantined, key=lambda c: (self.scores[c], c))[:self.f])
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything the layer learns (copies, JSON-friendly): each client's reputation, who is
+        quarantined, and each client's reputation after every round it took part in. The rest
+        (decay, thresholds, f) is configuration. A layer built afresh with the same parameters and
+        given this state continues exactly as the saved one would have."""
         return {"scores": dict(self.scores), "quarantined": sorted(self.quarantined),
                 "history": {k: list(v) for k, v in self.history.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scores = dict(state.get("scores", {}))
-        self.quarantined = set(state.get("quarantined", []))
-        self.history = {k: list(v) for k, v in state.get("history", {}).items()}
+        if not state:
+            return  # a fresh pipeline slot: nothing learnt yet
+        keys = {"scores", "quarantined", "history"}
+        if not isinstance(state, dict) or set(state) != keys:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise PhalanxError(f"reputation: state keys must be {sorted(keys)}, got {got}")
+        try:
+            scores = {c: float(r) for c, r in dict(state["scores"]).items()}
+        except (TypeError, ValueError):
+            raise PhalanxError("reputation: state scores must map client id -> number, got "
+                               f"{state['scores']!r:.80}") from None
+        quarantined = state["quarantined"]
+        try:
+            ok = not isinstance(quarantined, (str, bytes)) and all(c in scores for c in quarantined)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise PhalanxError("reputation: state quarantined must list client ids that have a score, "
+                               f"got {quarantined!r:.80}")
+        try:
+            history = {c: [float(r) for r in v] for c, v in dict(state["history"]).items()}
+        except (TypeError, ValueError):
+            raise PhalanxError("reputation: state history must map client id -> list of numbers, got "
+                               f"{state['history']!r:.80}") from None
+        self.scores, self.quarantined, self.history = scores, set(quarantined), history
 
 
 @DEFENSES.register("reputation")
