@@ -77,7 +77,7 @@ class FederationConfig(Strict):
     engine: Literal["sequential", "vectorized"] = Field(
         "vectorized", description="local training all clients at once (torch.func), or one at a time")
     eval_every: int = Field(1, ge=1)
-    dp_sgd: DPSGDConfig | None = Field(None, description="honest clients train with DP-SGD (Opacus)")
+    dp_sgd: DPSGDConfig | None = Field(None, description="every client trains with DP-SGD (Opacus), except an attacker in a round it attacks")
     signing: bool = Field(False, description="clients sign their updates (ECDSA P-256); pair with "
                                              "the 'verify' defense layer")
     recovery_drop: float | None = Field(None, gt=0, le=1, description="roll back a round when server "
