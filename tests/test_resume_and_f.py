@@ -140,3 +140,28 @@ def test_interrupt_marks_the_run_interrupted(tiny_config, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fed.run(store, on_round=ctrl_c)
     assert store.read_run(fed.run_id).status == "interrupted"
+
+
+def test_quarantine_precision_and_recall_per_round(tiny_config, tmp_path):
+    tiny_config["federation"].update(rounds=6, num_clients=8)
+    tiny_config["attack"] = {"name": "sign_flip", "byzantine": 2}
+    tiny_config["defense"] = ["median", "reputation"]
+    tiny_config["defense_f"] = 2
+    store = Store(tmp_path / "r.db")
+    fed = Federation(parse_config(tiny_config))
+    final = fed.run(store)
+    rounds = store.read_run(fed.run_id).rounds
+    last = rounds[-1]
+    assert last["quarantined"] == 2 and last["quarantine_precision"] == 1.0 and last["quarantine_recall"] == 1.0
+    assert rounds[0]["quarantine_precision"] is None  # nobody quarantined yet
+    assert final["honest_ever_quarantined"] == 0 and final["quarantined_attackers"] == 2
+
+
+def test_a_clean_run_has_no_attackers_to_quarantine(tiny_config):
+    """Clients drawn as Byzantine that never attack are honest: quarantining one is a false positive."""
+    tiny_config["federation"].update(rounds=2, num_clients=8)
+    tiny_config["attack"] = {"byzantine": 2}
+    tiny_config["defense"] = ["median", "reputation"]
+    fed = Federation(parse_config(tiny_config))
+    final = fed.run()
+    assert fed.attackers() == set() and "quarantined_attackers" not in final

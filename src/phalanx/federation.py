@@ -31,7 +31,8 @@ from .errors import ConfigError, PhalanxError
 from .metrics import client_stats, detection
 from .models import build_model
 from .registry import ATTACKS, POISONS
-from .training import LocalSpec, evaluate, local_update, vectorized_updates
+from .training import (LocalSpec, evaluate, local_momentum_update, local_update, vectorized_momentum_updates,
+                       vectorized_updates)
 from .updates import flatten_params, load_flat
 
 
@@ -114,6 +115,9 @@ class Federation:
         self.uses_f = any(getattr(stage, "f", None) is not None for stage in self.defense.stages)
         self.spec = LocalSpec(fed.local_epochs, fed.batch_size, fed.lr, fed.momentum, fed.weight_decay,
                               fed.local_steps)
+        # worker momentum (federation.client_momentum): client index -> its momentum buffer [d], the
+        # client's own state (never shown to defenses); at most num_clients x d floats
+        self.momentum_buffers: dict[int, torch.Tensor] = {}
         self.hooks = hooks or Hooks()
         if self.poison is not None and hasattr(self.poison, "metrics"):  # backdoor success and the like
             self.hooks.evaluators.append(lambda params: self.poison.metrics(self.model, params, self.data))
@@ -190,6 +194,10 @@ class Federation:
         hook (``Attack.training_hook``, sequential engine) and skips DP-SGD. Otherwise it trains
         exactly like an honest client: with DP-SGD when ``federation.dp_sgd`` is set (its steps
         counted by the accountant), else with the configured engine.
+
+        With ``federation.client_momentum``, every chosen client (malicious ones too: the attack
+        rewrites their rows afterwards) continues from its momentum buffer and stores it back;
+        clients not chosen keep theirs.
         """
         from .attacks.base import TrainingInfo
 
@@ -210,21 +218,37 @@ class Federation:
             data = [(self.data.x_train[self.parts[chosen[i]]], self.data.y_train[self.parts[chosen[i]]]) for i in batch]
             gens = [self.client_generator(rnd, int(chosen[i])) for i in batch]
             poisons = [self.poisons.get(int(chosen[i])) if own_terms[i] else None for i in batch]
-            U, vlosses = vectorized_updates(self.model, self.params, data, self.spec, gens, poisons)
+            if fed.client_momentum:
+                start = torch.stack([self.momentum_buffer(int(chosen[i])) for i in batch])
+                U, vlosses, B = vectorized_momentum_updates(self.model, self.params, data, self.spec, gens,
+                                                            poisons, start)
+                for j, i in enumerate(batch):
+                    self.momentum_buffers[int(chosen[i])] = B[j].clone()
+            else:
+                U, vlosses = vectorized_updates(self.model, self.params, data, self.spec, gens, poisons)
             for j, i in enumerate(batch):
                 rows[i], losses[i] = U[j], vlosses[j]
         for i, c in enumerate(chosen):
             if rows[i] is None:
                 idx = self.parts[c]
                 poison = self.poisons.get(int(c)) if own_terms[i] else None
-                rows[i], losses[i] = local_update(self.model, self.params, self.data.x_train[idx],
-                                                  self.data.y_train[idx], self.spec,
-                                                  self.client_generator(rnd, int(c)), poison, hooks[i])
+                args = (self.model, self.params, self.data.x_train[idx], self.data.y_train[idx], self.spec,
+                        self.client_generator(rnd, int(c)))
+                if fed.client_momentum:
+                    rows[i], losses[i], self.momentum_buffers[int(c)] = local_momentum_update(
+                        *args, self.momentum_buffer(int(c)), poison, hooks[i])
+                else:
+                    rows[i], losses[i] = local_update(*args, poison, hooks[i])
         if fed.dp_sgd is None:  # as before, a DP-SGD run applies no client-side transforms
             for i, c in enumerate(chosen):
                 for hook in self.hooks.client_update:
                     rows[i] = hook(rows[i], self.client_ids[c], rnd)
         return torch.stack(rows), losses
+
+    def momentum_buffer(self, client: int) -> torch.Tensor:
+        """Client ``client``'s worker-momentum buffer [d]: zeros before its first round."""
+        buf = self.momentum_buffers.get(client)
+        return torch.zeros_like(self.params) if buf is None else buf
 
     def apply_attack(self, U: torch.Tensor, mal: torch.Tensor, rnd: int, chosen: np.ndarray | None = None) -> torch.Tensor:
         if self.attack is None or not bool(mal.any()):
@@ -315,6 +339,7 @@ class Federation:
         for i, c in enumerate(chosen):
             if "quarantined" in str(report.reasons.get(i, "")):
                 self.first_quarantine.setdefault(self.client_ids[c], rnd)
+        metrics.update(self.quarantine_metrics())
         clients = [{"client_id": self.client_ids[c], "malicious": bool(mal[i]),
                     "norm": float(norms[i]) if finite[i] else None, "cosine": float(cos[i]) if finite[i] else None,
                     "weight": float(w[i]) * (0.0 if discarded[i] else 1.0),
@@ -326,6 +351,24 @@ class Federation:
                     row[f"{rep.name}_score"] = float(rep.scores[i])
         self.round = rnd + 1
         return RoundResult(rnd, metrics, clients, g, report)
+
+    def attackers(self) -> set[str]:
+        """The ids of the clients that attack: none when the config has no attack or poison."""
+        if not (self.cfg.attack.name or self.cfg.attack.poison):
+            return set()
+        return {cid for cid, m in zip(self.client_ids, self.malicious.tolist()) if m}
+
+    def quarantine_metrics(self) -> dict[str, Any]:
+        """Precision and recall of the server's quarantine (every stage's ``quarantined`` id set, over
+        all clients, after this round) as a detector of the attackers; empty without such a stage."""
+        sets = [q for s in self.defense.stages if isinstance(q := getattr(s, "quarantined", None), set)]
+        if not sets:
+            return {}
+        held, bad = set().union(*sets), self.attackers()
+        tp = len(held & bad)
+        return {"quarantined": len(held), "honest_quarantined": len(held - bad),
+                "quarantine_precision": tp / len(held) if held else None,
+                "quarantine_recall": tp / len(bad) if bad else None}
 
     def recover(self, U, w, ctx, g, report, snapshot):
         """Roll back a round whose aggregate drops the server's validation accuracy sharply.
@@ -406,11 +449,13 @@ class Federation:
             rounds = store.read_run(run_id).rounds
             last = rounds[-1] if rounds else {}
         final = {k: last[k] for k in ("accuracy", "loss") if k in last}
-        bad = [cid for cid, m in zip(self.client_ids, self.malicious.tolist()) if m]
-        if bad and self.first_quarantine:
-            caught = [self.first_quarantine[c] for c in bad if c in self.first_quarantine]
-            final["quarantined_attackers"] = len(caught)
-            final["rounds_to_quarantine"] = float(np.mean(caught)) + 1 if caught else None
+        bad = self.attackers()
+        if self.first_quarantine:  # a clean run's quarantines are all of honest clients
+            caught = [r for c, r in self.first_quarantine.items() if c in bad]
+            if bad:
+                final["quarantined_attackers"] = len(caught)
+                final["rounds_to_quarantine"] = float(np.mean(caught)) + 1 if caught else None
+            final["honest_ever_quarantined"] = len(set(self.first_quarantine) - bad)
         final.update({k: v for k, v in last.items() if k.startswith(("asr", "epsilon"))})
         if self.uses_f:
             final["defense_f"] = self.server_f
