@@ -5,25 +5,16 @@ Weights: ``mean`` and ``geomed`` weight rows by ``w``; every other rule treats t
 ``w > 0`` alike (a Byzantine client could claim a large weight), and rows with ``w == 0`` are
 ignored everywhere.
 
-Bounds. ``f`` is the server's assumed number of Byzantine clients. Factories check only that
-``f >= 0``; each call checks the rule's bound on n, the number of *active* rows (``w > 0``), and
-raises ``BoundError`` (``krum: needs n > 2f + 2 clients, got n=8, f=3``) when it cannot be met:
-
-=================  ===============  ==========================================================
-rule               needs            source
-=================  ===============  ==========================================================
-median             n > 2f           Yin et al. 2018: breakdown point 1/2 (alpha < 1/2)
-trimmed_mean       n > 2f           Yin et al. 2018: trim beta >= alpha, beta < 1/2
-krum, multi_krum   n > 2f + 2       Blanchard et al. 2017, Proposition 1 (2f + 2 < n)
-bulyan             n >= 4f + 3      El Mhamdi et al. 2018 (n >= 4f + 3)
-geomed             n > 2f           Pillutla et al. 2019 (RFA): breakdown point 1/2
-centered_clipping  n > 2f           Karimireddy et al. 2021: an honest majority (delta < 1/2)
-=================  ===============  ==========================================================
-
-Rows that earlier layers rejected do not lower f: they may all have been honest (a norm filter
-in a non-IID round), so up to f Byzantine rows may remain among the active ones, and the bound is
-applied to the active rows with the same f. With f = 0 every bound holds for n >= 1 (mean never
-uses f: it has no robustness to claim).
+Bounds. ``f`` is the server's assumed Byzantine count. Factories check only ``f >= 0``; each call
+checks the rule's bound on n = the number of *active* rows (``w > 0``) and raises ``BoundError``
+(``krum: needs n > 2f + 2 clients, got n=8, f=3``) when it cannot be met. median n > 2f (Yin et
+al. 2018: breakdown point 1/2); trimmed_mean n > 2f (Yin et al. 2018: trim beta >= alpha, beta <
+1/2); krum, multi_krum n > 2f + 2 (Blanchard et al. 2017, Proposition 1); bulyan n >= 4f + 3 (El
+Mhamdi et al. 2018); geomed n > 2f (Pillutla et al., RFA: breakdown point 1/2);
+centered_clipping n > 2f (Karimireddy et al. 2021: an honest majority). Rows that earlier layers
+rejected do not lower f: they may all have been honest (a norm filter in a non-IID round), so up
+to f Byzantine rows may remain among the active ones. With f = 0 every bound holds for n >= 1;
+mean never uses f (it claims no robustness).
 
 Coordinate-wise rules sort cache-sized column blocks (numpy's SIMD sort on CPU, ``torch.sort``
 elsewhere), spread over ``torch.get_num_threads()`` threads. Distance-based rules build on one
