@@ -4,7 +4,8 @@ import torch
 from phalanx.config import parse_config
 from phalanx.federation import Federation
 from phalanx.models import build_model
-from phalanx.training import LocalSpec, local_update, vectorized_updates
+from phalanx.training import (LocalSpec, local_momentum_update, local_update, vectorized_momentum_updates,
+                              vectorized_updates)
 from phalanx.updates import flatten_params
 
 
@@ -40,6 +41,59 @@ def test_engines_give_the_same_run(tiny_config):
         finals.append(Federation(parse_config(tiny_config)).run()["accuracy"])
     assert finals[0] == pytest.approx(finals[1], abs=0.01)
 
+
+
+# ---- worker momentum: training continues from a client's buffer -----------------------------------
+
+def client_data(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes]
+
+
+@pytest.mark.parametrize("spec", [LocalSpec(epochs=2, batch_size=7, lr=0.05, momentum=0.9, weight_decay=1e-3),
+                                  LocalSpec(epochs=1, batch_size=16, lr=0.1, momentum=0.5, max_steps=1)])
+def test_vectorized_momentum_agrees_with_sequential_and_leaves_the_buffers(spec):
+    m = build_model("mlp", (1, 8, 8), 10, seed=0)
+    params = flatten_params(m)
+    data = client_data([5, 23, 40, 17])  # clients with fewer batches sit idle: their buffer must hold
+    start = 0.1 * torch.randn(4, params.numel(), generator=torch.Generator().manual_seed(1))
+    kept = start.clone()
+    ref = [local_momentum_update(m, params, x, y, spec, torch.Generator().manual_seed(10 + i), start[i], flip)
+           for i, (x, y) in enumerate(data)]
+    U, losses, B = vectorized_momentum_updates(m, params, data, spec,
+                                               [torch.Generator().manual_seed(10 + i) for i in range(4)],
+                                               [flip] * 4, start)
+    assert torch.equal(start, kept)  # inputs are not modified
+    assert torch.allclose(U, torch.stack([r[0] for r in ref]), atol=1e-5, rtol=1e-4)
+    assert torch.allclose(B, torch.stack([r[2] for r in ref]), atol=1e-4, rtol=1e-4)
+    assert losses == pytest.approx([r[1] for r in ref], rel=1e-4)
+    assert not torch.allclose(B, start)
+
+
+def test_one_step_from_a_buffer_is_beta_times_buffer_plus_the_gradient():
+    m, params, x, y = hook_setup()
+    spec = LocalSpec(epochs=1, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-3, max_steps=1)
+    buf = torch.randn(params.numel(), generator=torch.Generator().manual_seed(2))
+    upd, _, new = local_momentum_update(m, params, x, y, spec, torch.Generator().manual_seed(1), buf)
+    sgd, _ = local_update(m, params, x, y, LocalSpec(1, 8, 0.1, 0.0, 1e-3, 1), torch.Generator().manual_seed(1))
+    grad = -sgd / 0.1
+    assert torch.allclose(new, 0.9 * buf + grad, atol=1e-6)
+    assert torch.allclose(upd, -0.1 * new, atol=1e-6)
+    # a zero buffer (or none) is the fresh optimizer of local_update, bit for bit
+    fresh, _ = local_update(m, params, x, y, SPEC, torch.Generator().manual_seed(1), flip)
+    zero, _, _ = local_momentum_update(m, params, x, y, SPEC, torch.Generator().manual_seed(1),
+                                       torch.zeros_like(params), flip)
+    assert torch.equal(fresh, zero)
+
+
+def test_momentum_buffer_of_the_wrong_shape_is_a_clear_error():
+    from phalanx.errors import PhalanxError
+
+    m, params, x, y = hook_setup()
+    with pytest.raises(PhalanxError, match=r"momentum buffer must have shape \(\d+,\), got \(3,\)"):
+        local_momentum_update(m, params, x, y, SPEC, torch.Generator().manual_seed(1), torch.zeros(3))
+    with pytest.raises(PhalanxError, match="momentum buffer must have shape"):
+        vectorized_momentum_updates(m, params, [(x, y)], SPEC, [torch.Generator()], [None], torch.zeros(2, 3))
 
 # ---- training hooks (malicious clients' local training) ----------------------------------------
 

@@ -3,9 +3,9 @@
 Random draws in the simulator are derived from (seed, round, client), so the state is small:
 the round number, the global parameters, every stateful defense stage's ``state_dict``, the
 attack's cross-round memory (and its ``state_dict`` when it has one), the DP-SGD accountant's
-steps per client, the first round each client was quarantined, the run id in the store, and the
-global torch, NumPy and Python RNG states. Files are written atomically (write to a temporary
-file, then rename).
+steps per client, the first round each client was quarantined, each client's worker-momentum
+buffer (``federation.client_momentum``), the run id in the store, and the global torch, NumPy and
+Python RNG states. Files are written atomically (write to a temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def save_checkpoint(path: str | Path, fed, run_id: str | None = None, extra: dic
         "attack_state": fed.attack.state_dict() if hasattr(fed.attack, "state_dict") else None,
         "dp_steps": dict(getattr(fed, "dp_steps", {})),
         "first_quarantine": dict(fed.first_quarantine),
+        "momentum_buffers": {c: b.clone() for c, b in getattr(fed, "momentum_buffers", {}).items()},
         "torch_rng": torch.random.get_rng_state(),
         "numpy_rng": np.random.get_state(),
         "python_rng": random.getstate(),
@@ -78,6 +79,12 @@ def restore(fed, state: dict[str, Any]) -> None:
         fed.dp_steps.update(state["dp_steps"])
     fed.first_quarantine.clear()
     fed.first_quarantine.update(state["first_quarantine"])
+    buffers = state.get("momentum_buffers", {})  # absent in checkpoints from before client_momentum
+    for c, b in buffers.items():
+        if b.shape != fed.params.shape:
+            raise PhalanxError(f"checkpoint momentum buffer of client {c} has shape {tuple(b.shape)}, "
+                               f"model has {tuple(fed.params.shape)}")
+    fed.momentum_buffers = {int(c): b.clone() for c, b in buffers.items()}
     torch.random.set_rng_state(state["torch_rng"])
     np.random.set_state(state["numpy_rng"])
     random.setstate(state["python_rng"])

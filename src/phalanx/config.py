@@ -70,7 +70,10 @@ class FederationConfig(Strict):
     local_steps: int | None = Field(None, ge=1, description="cap on local SGD steps per round")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="client SGD momentum (heavy ball, PyTorch's rule)")
+    client_momentum: bool = Field(
+        False, description="worker momentum: each client keeps its momentum buffer across rounds (Karimireddy "
+        "et al. 2021), so momentum acts even with one local step; the simulator holds num_clients x d floats")
     weight_decay: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)
     weighting: Literal["samples", "uniform"] = "samples"
@@ -90,6 +93,14 @@ class FederationConfig(Strict):
         if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round must be <= num_clients ({self.num_clients}), "
                              f"got {self.clients_per_round}")
+        if self.momentum and self.local_steps == 1 and not self.client_momentum:
+            raise ValueError(f"momentum={self.momentum} has no effect with local_steps=1: a client's momentum "
+                             "restarts every round; set client_momentum: true to keep it across rounds, or momentum: 0")
+        if self.client_momentum and not self.momentum:
+            raise ValueError("client_momentum needs momentum > 0, got momentum=0 (it would keep nothing)")
+        if self.client_momentum and self.dp_sgd is not None:
+            raise ValueError("client_momentum is not supported with dp_sgd (Opacus trains without a kept "
+                             "momentum buffer): turn one of them off")
         return self
 
 

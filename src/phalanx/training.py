@@ -5,6 +5,17 @@ The update is ``params_after - params_before`` as one flat float32 vector, so th
 client trains on (label flipping, backdoor triggers). A training hook, when given, changes the
 objective or the step direction of a malicious client (``phalanx.attacks.base.TrainingHook``);
 only the sequential ``local_update`` takes one.
+
+Momentum is PyTorch's heavy ball, ``m <- momentum * m + g`` and ``theta <- theta - lr * m`` (``g``
+includes weight decay). By default every call starts from ``m = 0``, so momentum only acts across
+the local steps of one round. *Worker momentum* (Karimireddy, He & Jaggi 2021, "Learning from
+History for Byzantine Robust Optimization", ICML; Allouah et al. 2023, "Fixing by Mixing",
+AISTATS) keeps each client's ``m`` across rounds, so even one local step per round (distributed
+SGD) sends a momentum-based update, whose lower variance is what lets a robust aggregator tell
+honest rows from ALIE's and IPM's: ``local_momentum_update`` and ``vectorized_momentum_updates``
+take the client's buffer from the previous round and return it after training. The heavy-ball form
+matches ByzFL's clients (PyTorch SGD, momentum 0.9, kept across steps); it is Karimireddy et al.'s
+``m <- (1 - beta) g + beta m`` scaled by ``1 / (1 - beta)``, the same direction at a larger lr.
 """
 
 from __future__ import annotations
@@ -51,23 +62,49 @@ def _transform_step(params: list[torch.Tensor], transform, weight_decay: float) 
         p.grad = chunk.reshape(p.shape).clone()
 
 
+def _check_buffer(where: str, buffer: torch.Tensor, shape: tuple) -> None:
+    if not isinstance(buffer, torch.Tensor) or tuple(buffer.shape) != shape:
+        got = tuple(buffer.shape) if isinstance(buffer, torch.Tensor) else type(buffer).__name__
+        raise PhalanxError(f"{where}: momentum buffer must have shape {shape}, got {got}")
+
+
 def local_update(model: nn.Module, global_params: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                  spec: LocalSpec, gen: torch.Generator, poison: Poison | None = None,
                  hook=None) -> tuple[torch.Tensor, float]:
     """Train ``model`` from ``global_params`` on (x, y); return (update [d], mean training loss).
 
+    Momentum starts from zero (see ``local_momentum_update`` to carry it across rounds).
     ``hook`` (a ``TrainingHook``, for malicious clients): every step minimizes
     ``hook.objective(cross_entropy, flat_params, global_params)`` instead of the cross-entropy,
     and/or moves along ``hook.grad_transform(gradient + weight_decay * params)`` (before momentum).
     The reported loss is the cross-entropy either way.
     """
+    update, loss, _ = local_momentum_update(model, global_params, x, y, spec, gen, None, poison, hook)
+    return update, loss
+
+
+def local_momentum_update(model: nn.Module, global_params: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                          spec: LocalSpec, gen: torch.Generator, buffer: torch.Tensor | None,
+                          poison: Poison | None = None, hook=None) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """``local_update`` continuing from the client's momentum buffer: (update [d], loss, buffer [d]).
+
+    ``buffer`` (flat, [d], or None for zeros) is the client's heavy-ball momentum ``m`` at the end
+    of its previous round; the first step computes ``m <- momentum * buffer + g``. The returned
+    buffer is ``m`` after the last step, a new tensor (``buffer`` is not modified). With
+    ``momentum == 0`` there is no momentum state: the buffer comes back unchanged.
+    """
     objective = getattr(hook, "objective", None)
     transform = getattr(hook, "grad_transform", None)
+    if buffer is not None:
+        _check_buffer("local_momentum_update", buffer, tuple(global_params.shape))
     load_flat(model, global_params)
     model.train()
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum,
                           weight_decay=0.0 if transform is not None else spec.weight_decay)
+    if buffer is not None and spec.momentum:  # SGD then steps m <- momentum * m + g from this m
+        for p, chunk in zip(params, buffer.detach().split([p.numel() for p in params])):
+            opt.state[p]["momentum_buffer"] = chunk.reshape(p.shape).to(p.dtype).clone()
     anchor = global_params.detach().to(torch.float32)
     n = len(y)
     steps, total = 0, 0.0
@@ -98,7 +135,14 @@ def local_update(model: nn.Module, global_params: torch.Tensor, x: torch.Tensor,
         if spec.max_steps is not None and steps >= spec.max_steps:
             break
     update = flatten_params(model) - global_params
-    return update, total / max(steps, 1)
+    start_buf = torch.zeros_like(update) if buffer is None else buffer.detach().to(update.dtype).clone()
+    if not spec.momentum:
+        return update, total / max(steps, 1), start_buf
+    starts = start_buf.split([p.numel() for p in params])  # a parameter that never had a gradient keeps its m
+    new_buf = torch.cat([start if opt.state[p].get("momentum_buffer") is None
+                         else opt.state[p]["momentum_buffer"].detach().reshape(-1).to(update.dtype)
+                         for p, start in zip(params, starts)])
+    return update, total / max(steps, 1), new_buf
 
 
 @torch.no_grad()
@@ -134,6 +178,20 @@ def vectorized_updates(model: nn.Module, global_params: torch.Tensor, data: list
     agree with the sequential reference up to floating-point rounding.
     Returns (U [k, d], mean training loss per client).
     """
+    U, losses, _ = vectorized_momentum_updates(model, global_params, data, spec, gens, poisons, None)
+    return U, losses
+
+
+def vectorized_momentum_updates(model: nn.Module, global_params: torch.Tensor,
+                                data: list[tuple[torch.Tensor, torch.Tensor]], spec: LocalSpec,
+                                gens: list[torch.Generator], poisons: list[Poison | None],
+                                buffers: torch.Tensor | None) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+    """``vectorized_updates`` continuing from each client's momentum buffer (worker momentum).
+
+    ``buffers`` [k, d] (or None for zeros) holds row by row what ``local_momentum_update`` takes
+    as ``buffer``; it is not modified. Returns (U [k, d], mean training loss per client,
+    buffers after training [k, d]); with ``momentum == 0`` the buffers come back unchanged.
+    """
     from torch.func import functional_call, grad_and_value, vmap
 
     k, B = len(data), spec.batch_size
@@ -148,7 +206,10 @@ def vectorized_updates(model: nn.Module, global_params: torch.Tensor, data: list
 
     step_fn = vmap(grad_and_value(loss_fn))
     theta = global_params.detach().expand(k, -1).clone()
-    buf = torch.zeros_like(theta)
+    if buffers is not None:
+        _check_buffer("vectorized_momentum_updates", buffers, tuple(theta.shape))
+    start = torch.zeros_like(theta) if buffers is None else buffers.detach().to(theta.dtype).clone()
+    buf = start.clone()
     counts = [len(y) for _, y in data]
     per_epoch = [-(-n // B) for n in counts]
     budget = [min(spec.epochs * s, spec.max_steps or 10**12) for s in per_epoch]
@@ -184,4 +245,4 @@ def vectorized_updates(model: nn.Module, global_params: torch.Tensor, data: list
             for c in live:
                 done[c] += 1
     U = theta - global_params
-    return U, [float(losses[c]) / max(done[c], 1) for c in range(k)]
+    return U, [float(losses[c]) / max(done[c], 1) for c in range(k)], buf if spec.momentum else start
