@@ -3,4 +3,5 @@
 Importing this package registers every built-in attack and data poison.
 """
 
-from . import adaptive, backdoor, backdoor_updates, data_poisoning, mimic, model_poisoning  # noqa: F401
+from . import (adaptive, backdoor, backdoor_updates, data_poisoning, fang, layered, mimic,  # noqa: F401
+               model_poisoning)

@@ -3,17 +3,20 @@
 * ``alie``        -- A Little Is Enough (Baruch et al., NeurIPS 2019): ``mean + z * std`` of the
   updates, which is the ``mean - z * std`` of the gradients in the paper (an update is -lr * grad).
 * ``ipm``         -- Inner Product Manipulation (Xie et al., UAI 2020): ``-epsilon * mean``.
-* ``minmax`` / ``minsum`` -- the AGR-agnostic attacks of Shejwalkar & Houmansadr (NDSS 2021):
-  ``mean + gamma * p`` of the updates, p = +std (the paper's -std of the gradients), -unit or -sign.
-* ``fang_krum`` / ``fang_trmean`` -- Fang et al. (USENIX Security 2020), full knowledge.
-* ``mimic``       -- Karimireddy et al. (ICLR 2022), in ``mimic.py``: every attacker copies one
-  honest client.
+* ``minmax`` / ``minsum`` -- Shejwalkar & Houmansadr (NDSS 2021): ``mean + gamma * p`` of the
+  updates, p = +std (the paper's -std of the gradients), -unit or -sign; gamma by the paper's
+  distance constraint (``variant="agnostic"``) or by search against the server (``"tailored"``).
+* ``fang_krum`` / ``fang_trmean`` -- Fang et al. (USENIX Security 2020), in ``fang.py``.
+* ``mimic``       -- Karimireddy et al. (ICLR 2022), in ``mimic.py``.
 
 "Benign statistics" are computed over the honest rows; when a round has none (h = 0), over the
-attackers' own honest updates ``ctx.own``. Aggregator-aware attacks run ``ctx.aggregator`` when
-the federation provides it, else build the aggregator named in their parameters; the simulation
-never changes a stateful aggregator's state. After each call, ``attack.last`` holds what the
-attack chose (z, epsilon, gamma, lambda, target) for monitoring and tests.
+attackers' own honest updates ``ctx.own``. Aggregator-aware attacks search against
+``ctx.aggregator`` when the federation provides it -- the server's *whole* defense pipeline as
+attackers see it (validate, clip, sign filter, reputation, ... then the aggregator and post
+steps) -- and only otherwise build the single aggregator named in their parameters. A
+simulation never changes a stateful stage's state (its ``state_dict`` is restored after each
+run). After each call, ``attack.last`` holds what the attack chose (z, epsilon, gamma, lambda,
+target) for monitoring and tests.
 """
 
 from __future__ import annotations
@@ -97,14 +100,22 @@ class _Simulator:
                 self.agg.load_state_dict(copy.deepcopy(self.state))
 
 
+_TIE = 1e-6  # relative: float32 aggregates of rows that a layer clipped alike differ in rounding only
+
+
+def _deviation(sim: _Simulator, rows: torch.Tensor, mu: torch.Tensor) -> float:
+    g, _ = sim(rows)
+    return float((g.double() - mu.double()).norm())
+
+
 def _farthest(sim: _Simulator, make, top: float, steps: int, mu: torch.Tensor) -> float:
     """The value in linspace(0, top, steps) whose crafted rows push the simulated aggregate
-    farthest from ``mu`` (the first such value on ties)."""
-    best, best_dist = 0.0, -1.0
+    farthest from ``mu`` (the smallest such value on ties, to within a relative 1e-6: past the
+    point where a clip layer caps the rows, a larger value gains nothing)."""
+    best, best_dist = 0.0, None
     for value in torch.linspace(0, top, steps, dtype=torch.float64).tolist():
-        g, _ = sim(make(value))
-        dist = float((g.double() - mu.double()).norm())
-        if dist > best_dist:
+        dist = _deviation(sim, make(value), mu)
+        if best_dist is None or dist > best_dist * (1 + _TIE):
             best, best_dist = value, dist
     return best
 
@@ -121,15 +132,19 @@ class _EverySoOften:
         return self.value
 
 
-def _check_search(name: str, variant: str, aggregator: str, f, steps: int, search_every: int) -> None:
-    check_choice(name, "variant", variant, ("paper", "optimal"))
+def check_search(name: str, variant: str, aggregator: str, f, steps: int | None, search_every: int,
+                 variants: tuple = ("paper", "optimal"), searching: str = "optimal") -> None:
+    """Check the parameters every server-simulating attack shares; ``searching`` names the
+    variant that simulates (its aggregator must then be a registered defense)."""
+    check_choice(name, "variant", variant, variants)
     check_int(name, "search_every", search_every, minimum=1)
     if f is not None:
         check_int(name, "f", f)
-    check_int(name, "steps", steps, minimum=2)
+    if steps is not None:
+        check_int(name, "steps", steps, minimum=2)
     if not isinstance(aggregator, str):
         raise PhalanxError(f"{name}: aggregator must be a registered defense name, got {aggregator!r}")
-    if variant == "optimal":
+    if variant == searching:
         DEFENSES.get(aggregator)  # unknown names fail now, listing what exists
 
 
@@ -206,7 +221,7 @@ def alie(z: float | None = None, variant: str = "paper", aggregator: str = "medi
             raise PhalanxError("alie: give either z or variant='optimal', not both; got "
                                f"z={z!r}, variant='optimal'")
     check_number("alie", "z_max", z_max, positive=True)
-    _check_search("alie", variant, aggregator, f, steps, search_every)
+    check_search("alie", variant, aggregator, f, steps, search_every)
     return ALIE(None if z is None else float(z), variant, aggregator, f, float(z_max), steps, search_every)
 
 
@@ -217,11 +232,11 @@ def ipm(epsilon: float = 0.1, variant: str = "paper", aggregator: str = "median"
     in [0, eps_max] to maximize the simulated aggregate's deviation, every ``search_every`` rounds."""
     check_number("ipm", "epsilon", epsilon, positive=True)
     check_number("ipm", "eps_max", eps_max, positive=True)
-    _check_search("ipm", variant, aggregator, f, steps, search_every)
+    check_search("ipm", variant, aggregator, f, steps, search_every)
     return IPM(float(epsilon), variant, aggregator, f, float(eps_max), steps, search_every)
 
 
-# ---- Min-Max and Min-Sum (AGR-agnostic) ------------------------------------------------------
+# ---- Min-Max and Min-Sum: AGR-agnostic and AGR-tailored ------------------------------------
 
 def _halving(ok, gamma_init: float, tol: float) -> float:
     """Largest gamma with ok(gamma), by the halving search of Shejwalkar & Houmansadr (2021).
@@ -242,9 +257,40 @@ def _halving(ok, gamma_init: float, tol: float) -> float:
     return max(best, gamma) if ok(gamma) else best
 
 
+def _tailored(dev, gamma_init: float, tol: float, seeds: tuple) -> float:
+    """gamma >= 0 maximizing dev(gamma), the simulated aggregate's distance from the benign mean
+    (the AGR-tailored objective of Shejwalkar & Houmansadr 2021). From gamma_init, double while
+    that moves the aggregate further (20 times at most: against a plain mean it always does), then
+    halve a step each iteration, moving to the best of gamma - step, gamma, gamma + step. Every
+    value tried competes, ``seeds`` included (0 and the agnostic gamma), so the result is never
+    worse than those; among values within a relative 1e-6 of the best, the smallest wins."""
+    seen: dict[float, float] = {}
+
+    def score(g: float) -> float:
+        if g not in seen:
+            seen[g] = dev(g)
+        return seen[g]
+
+    for g in seeds:
+        score(g)
+    gamma = gamma_init
+    for _ in range(20):
+        if score(2 * gamma) <= score(gamma) * (1 + _TIE):
+            break
+        gamma *= 2
+    step = gamma / 2
+    while step > tol:
+        gamma = max((gamma, gamma + step, max(gamma - step, 0.0)), key=score)  # ties: stay
+        step /= 2
+    top = max(seen.values())
+    return min(g for g, v in seen.items() if v >= top / (1 + _TIE))
+
+
 class DistanceAttack(Attack):
-    """mean + gamma * p, with the largest gamma keeping the crafted row's max (min-max) or summed
-    (min-sum) squared distance to the benign rows within the benign rows' own max / max-sum.
+    """mean + gamma * p. Agnostic: the largest gamma keeping the crafted row's max (min-max) or
+    summed (min-sum) squared distance to the benign rows within the benign rows' own max /
+    max-sum. Tailored: the gamma moving the server's simulated aggregate farthest from the benign
+    mean (the agnostic gamma among the candidates, so never less far than it).
 
     Shejwalkar & Houmansadr (and their reference code, ``our_attack_dist`` / ``our_attack_score``)
     craft ``mean - gamma * deviation`` on gradients, with deviation ``std``, ``mean/|mean|`` or
@@ -254,8 +300,11 @@ class DistanceAttack(Attack):
 
     omniscient = True
 
-    def __init__(self, name, perturbation, gamma_init, tol):
+    def __init__(self, name, perturbation, gamma_init, tol, variant="agnostic", aggregator="trimmed_mean",
+                 f=None, search_every=1):
         self.name, self.perturbation, self.gamma_init, self.tol = name, perturbation, gamma_init, tol
+        self.variant, self.aggregator, self.f = variant, aggregator, f
+        self.search = _EverySoOften(search_every)
         self.last: dict = {}
 
     def __call__(self, honest: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
@@ -278,129 +327,44 @@ class DistanceAttack(Attack):
             ok = lambda g: float((a - 2 * g * c + g * g * q).sum()) <= bound  # noqa: E731
         gamma = _halving(ok, self.gamma_init, self.tol) if q > 0 else 0.0
         self.last = {"gamma": gamma, "bound": bound}
-        return _repeat(mu + gamma * p, ctx.m)
+        make = lambda g: _repeat(mu + g * p, ctx.m)  # noqa: E731
+        if self.variant == "tailored" and q > 0:
+            agnostic = gamma
+
+            def search() -> float:
+                sim = _Simulator(_server(self.aggregator, self.f, ctx), honest.float(), ctx.m, ctx)
+                return _tailored(lambda g: _deviation(sim, make(g), mu), self.gamma_init, self.tol,
+                                 (0.0, agnostic))
+
+            gamma = self.search(ctx.round, search)
+            self.last.update(gamma=gamma, agnostic_gamma=agnostic)
+        return make(gamma)
 
     def __repr__(self) -> str:
-        return f"DistanceAttack({self.name!r}, perturbation={self.perturbation!r})"
+        return f"DistanceAttack({self.name!r}, perturbation={self.perturbation!r}, variant={self.variant!r})"
 
 
-def _distance_attack(name, perturbation, gamma_init, tol) -> Attack:
+def _distance_attack(name, perturbation, gamma_init, tol, variant, aggregator, f, search_every) -> Attack:
     check_choice(name, "perturbation", perturbation, ("std", "unit", "sign"))
     check_number(name, "gamma_init", gamma_init, positive=True)
     check_number(name, "tol", tol, positive=True)
-    return DistanceAttack(name, perturbation, float(gamma_init), float(tol))
+    check_search(name, variant, aggregator, f, None, search_every, ("agnostic", "tailored"), "tailored")
+    return DistanceAttack(name, perturbation, float(gamma_init), float(tol), variant, aggregator, f, search_every)
 
 
 @ATTACKS.register("minmax")
-def minmax(perturbation: str = "std", gamma_init: float = 10.0, tol: float = 1e-5) -> Attack:
+def minmax(perturbation: str = "std", gamma_init: float = 10.0, tol: float = 1e-5, variant: str = "agnostic",
+           aggregator: str = "trimmed_mean", f: int | None = None, search_every: int = 1) -> Attack:
     """Min-Max (Shejwalkar & Houmansadr 2021): max distance to benign rows <= benign max distance.
     perturbation, on updates: "std" (+std), "unit" (-mean/|mean|) or "sign" (-sign(mean)); that is
-    the paper's -std, -unit and -sign on gradients."""
-    return _distance_attack("minmax", perturbation, gamma_init, tol)
+    the paper's -std, -unit and -sign on gradients. variant "tailored": gamma searched against the
+    server (ctx.aggregator, else the named aggregator) to move its aggregate farthest."""
+    return _distance_attack("minmax", perturbation, gamma_init, tol, variant, aggregator, f, search_every)
 
 
 @ATTACKS.register("minsum")
-def minsum(perturbation: str = "std", gamma_init: float = 10.0, tol: float = 1e-5) -> Attack:
+def minsum(perturbation: str = "std", gamma_init: float = 10.0, tol: float = 1e-5, variant: str = "agnostic",
+           aggregator: str = "trimmed_mean", f: int | None = None, search_every: int = 1) -> Attack:
     """Min-Sum (Shejwalkar & Houmansadr 2021): summed squared distance <= benign max sum.
-    perturbation as for :func:`minmax` (on updates: +std, -mean/|mean|, -sign(mean))."""
-    return _distance_attack("minsum", perturbation, gamma_init, tol)
-
-
-# ---- Fang et al. (2020) ------------------------------------------------------------------------
-
-class FangKrum(Attack):
-    """Fang et al. 2020, attack on Krum: rows -lambda * s, s = sign(honest mean); lambda starts at
-    the paper's upper bound and halves until the server selects a crafted row or lambda < threshold.
-    Rows 2..m lie within ``eps`` of the first (eps = 0: identical copies)."""
-
-    name, omniscient = "fang_krum", True
-
-    def __init__(self, aggregator, f, threshold, eps):
-        self.aggregator, self.f, self.threshold, self.eps = aggregator, f, threshold, eps
-        self.last: dict = {}
-
-    def __call__(self, honest: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
-        B = _benign(self.name, honest, ctx)
-        h, m, d = honest.shape[0], ctx.m, B.shape[1]
-        n = h + m
-        if m == 0:
-            return torch.zeros(0, d)
-        if n - 2 * m - 1 < 1 or h < 2:
-            raise PhalanxError(f"fang_krum: needs n > 2f + 1 clients and 2 honest rows, got n={n}, f={m}")
-        s = torch.sign(B.mean(0))
-        dist = pairwise_sq_dists(B).sqrt()
-        k = min(n - m - 2, h - 1)
-        near = dist.sort(1).values[:, 1:k + 1].sum(1)  # column 0 is the row itself
-        lam = float(near.min()) / ((n - 2 * m - 1) * math.sqrt(d)) + float(B.norm(dim=1).max()) / math.sqrt(d)
-        offsets = torch.randn(m, d, generator=ctx.generator)
-        radius = self.eps * torch.rand(m, 1, generator=ctx.generator)
-        offsets *= radius / offsets.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        offsets[0] = 0
-        sim = _Simulator(_server(self.aggregator, self.f, ctx), honest.float(), m, ctx)
-        while True:
-            crafted = -lam * s + offsets
-            g, rep = sim(crafted)
-            picked = _picks_crafted(rep, g, torch.cat([honest.float(), crafted]), h)
-            if picked or lam / 2 < self.threshold:
-                break
-            lam /= 2
-        self.last = {"lambda": lam, "selected": picked}
-        return crafted.to(torch.float32)
-
-    def __repr__(self) -> str:
-        return f"FangKrum(aggregator={self.aggregator!r}, eps={self.eps})"
-
-
-def _picks_crafted(rep, g: torch.Tensor, U: torch.Tensor, h: int) -> bool:
-    """Did the server select a crafted row (index >= h)? Uses report.selected when it is
-    informative; otherwise asks whether the row nearest the aggregate is a crafted one."""
-    sel = getattr(rep, "selected", None)
-    if sel is not None and sel.numel() == U.shape[0] and not bool(sel.all()):
-        return bool(sel[h:].any())
-    return int(((U.double() - g.double()) ** 2).sum(1).argmin()) >= h
-
-
-class FangTrmean(Attack):
-    """Fang et al. 2020, attack on trimmed mean / median (full knowledge). With s_j the sign of the
-    honest mean, a coordinate that would rise (s_j > 0) gets values below the honest minimum, one
-    that would fall gets values above the honest maximum; each value is drawn uniformly from the
-    paper's interval between that extreme e and e*b or e/b (whichever lies further out)."""
-
-    name, omniscient = "fang_trmean", True
-
-    def __init__(self, b):
-        self.b = b
-
-    def __call__(self, honest: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
-        B = _benign(self.name, honest, ctx)
-        down = B.mean(0) >= 0  # push against the estimated change direction
-        e = torch.where(down, B.min(0).values, B.max(0).values)
-        far = torch.where((e > 0) == down, e / self.b, e * self.b)
-        u = torch.rand(ctx.m, B.shape[1], generator=ctx.generator)
-        return (e + u * (far - e)).to(torch.float32)
-
-    def __repr__(self) -> str:
-        return f"FangTrmean(b={self.b})"
-
-
-@ATTACKS.register("fang_krum")
-def fang_krum(aggregator: str = "krum", f: int | None = None, threshold: float = 1e-5,
-              eps: float = 0.0) -> Attack:
-    """Fang et al. (2020) attack on Krum; the server simulated with DEFENSES.build(aggregator, f)."""
-    if not isinstance(aggregator, str):
-        raise PhalanxError(f"fang_krum: aggregator must be a registered defense name, got {aggregator!r}")
-    if f is not None:
-        check_int("fang_krum", "f", f)
-    check_number("fang_krum", "threshold", threshold, positive=True)
-    check_number("fang_krum", "eps", eps, nonneg=True)
-    DEFENSES.get(aggregator)  # unknown names fail now, listing what exists
-    return FangKrum(aggregator, f, float(threshold), float(eps))
-
-
-@ATTACKS.register("fang_trmean")
-def fang_trmean(b: float = 2.0) -> Attack:
-    """Fang et al. (2020) attack on trimmed mean and median; b > 1 bounds how far out values go."""
-    check_number("fang_trmean", "b", b, positive=True)
-    if b <= 1:
-        raise PhalanxError(f"fang_trmean: b must be a number > 1, got {b!r}")
-    return FangTrmean(float(b))
+    perturbation and variant as for :func:`minmax` (on updates: +std, -mean/|mean|, -sign(mean))."""
+    return _distance_attack("minsum", perturbation, gamma_init, tol, variant, aggregator, f, search_every)
