@@ -1,7 +1,7 @@
 """Backdoor attacks x defenses on Fashion-MNIST: attack success rate (ASR) and main accuracy.
 
     python benchmarks/reproduce_backdoor.py --workers 2   # full: FMNIST, 20 clients, 2 attackers
-    python benchmarks/reproduce_backdoor.py --smoke       # digits, 2 rounds: checks the script runs
+    python benchmarks/reproduce_backdoor.py --smoke       # digits, logreg, 30 rounds, 18 cells, targets
 
 Attacks: BadNets pixel trigger, DBA (Xie et al. 2020), a semantic backdoor, single-shot model
 replacement (Bagdasaryan et al. 2020), constrain-and-scale and Neurotoxin (Zhang et al. 2022).
@@ -9,6 +9,21 @@ Defenses: FedAvg, norm clipping + weak DP (Sun et al. 2019), FLAME, FoolsGold, F
 One attack setting is held fixed across every defense. Prints an ASR / accuracy table per
 partition, the targets (met or missed by how much), a plot of ASR over rounds in results/, and a
 last line with the headline figures.
+
+Targets (per partition): FedAvg lets the pixel trigger in (ASR > 90%) at no visible cost (accuracy
+within 2 points of clean) and model replacement succeeds in the round it fires (> 90%; Bagdasaryan
+et al. 2020); FLAME keeps the pixel trigger out (< 10%) within 3 points of clean accuracy (Nguyen et
+al. 2022); clip + weak DP does the same for the pixel trigger, and stops model replacement (< 10%
+in the round it fires: Sun et al. 2019, whose norm bound is aimed at boosted updates).
+
+``--smoke`` runs scikit-learn's digits with logistic regression, 10 clients of which 2 attackers,
+30 rounds (poison from round 5, model replacement in round 20), IID only, and the attacks no
+attack, pixel trigger and model replacement against all six defenses (18 runs, seconds). Every
+target is expected to hold there except clip + weak DP against the pixel trigger: an unboosted
+data-poisoning update from a fifth of the clients is only about twice an honest one, under the
+clip bound 1.0 after the first rounds, so clipping has nothing to cut (about 93% ASR on seeds
+0-2); Sun et al. report norm bounding against boosted updates, which the model-replacement
+target checks.
 """
 
 from __future__ import annotations
@@ -33,8 +48,8 @@ DLABELS = {"fedavg": "FedAvg", "clip_dp": "clip+weakDP", "flame": "FLAME", "fool
 def settings(smoke: bool) -> dict:
     """Everything held fixed across the grid."""
     if smoke:
-        return dict(dataset="digits", train_subset=None, model="logreg", clients=10, byzantine=2, rounds=2,
-                    start=0, fire=1, lr=0.1, batch=16, trigger=dict(size=2, position="top-left", margin=0),
+        return dict(dataset="digits", train_subset=None, model="logreg", clients=10, byzantine=2, rounds=30,
+                    start=5, fire=20, lr=0.1, batch=16, trigger=dict(size=2, position="top-left", margin=0),
                     dba=dict(parts=2, size=2, thickness=1, gap=1, position="top-left", margin=0), clip=1.0, sigma=0.002,
                     server_data=100, share=False)
     return dict(dataset="fashion-mnist", train_subset=30000, model="mlp", clients=20, byzantine=2, rounds=30,
@@ -159,7 +174,8 @@ def plot(cells: dict, partitions, defenses, s: dict, out: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="digits, logreg, 2 rounds")
+    ap.add_argument("--smoke", action="store_true",
+                    help="digits, logreg, 30 rounds, IID, no attack / pixel trigger / model replacement")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--partitions", nargs="+", default=["iid", "dirichlet"])
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
@@ -172,6 +188,11 @@ def main() -> None:
     ap.add_argument("--clip", type=float, help="clipping bound (also constrain+scale's bound)")
     ap.add_argument("--out", default="results")
     args = ap.parse_args()
+    if args.smoke:  # partitions or attacks given on the command line win over the smoke's own
+        if args.partitions == ap.get_default("partitions"):
+            args.partitions = ["iid"]
+        if args.attacks == ap.get_default("attacks"):
+            args.attacks = ["clean", "pixel", "replacement"]
     torch.set_num_threads(1)
     import phalanx  # noqa: F401
     from phalanx.attacks.backdoor import persistence
@@ -261,6 +282,9 @@ def main() -> None:
                 targets += [check(f"{DLABELS[d]} pixel-trigger ASR", asr, "<", 0.1),
                             check(f"{DLABELS[d]} accuracy drop vs clean", clean_acc - acc, "<", 0.03)]
                 head[(p, d)] = (asr, acc - clean_acc)
+        if "replacement" in attacks and "clip_dp" in args.defenses:
+            asr, _ = summary(cells[(p, "replacement", "clip_dp")], s)
+            targets.append(check(f"clip+weakDP model-replacement ASR in round {s['fire']}", asr, "<", 0.1))
         print("targets:")
         for ok, line in targets:
             print(line)
