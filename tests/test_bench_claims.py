@@ -100,7 +100,7 @@ def test_defense_f_axis_labels_only_the_rules_that_use_f(tmp_path):
     assert out.ran == len(cells) and not out.failed
     finals = {r["cell"]: r["final"] for r in Store(tmp_path / "g.db").runs()}
     got = {c.coords["defense"]: finals[c.key].get("defense_f") for c in cells}
-    assert got == {"mean": None, "tm f=1": 1, "tm f=auto": 1}  # auto: floor((6 - 1) / 4)
+    assert got == {"mean": None, "tm f=1": 1, "tm f=auto": 0}  # auto: floor((6 - 3) / 4)
 
 
 def test_report_rows_name_the_f_they_assumed(tmp_path):

@@ -28,7 +28,7 @@ def test_server_f_is_a_guess_not_the_truth(tiny_config):
     tiny_config["attack"] = {"name": "sign_flip", "byzantine": 7}
     tiny_config["defense"] = ["trimmed_mean"]
     fed = Federation(parse_config(tiny_config))
-    assert fed.server_f == 4  # auto: floor((20 - 1) / 4), whatever the attack's count (7)
+    assert fed.server_f == 4  # auto: floor((20 - 3) / 4), whatever the attack's count (7)
     assert fed.defense.aggregator.f == 4
     tiny_config["defense_f"] = 2
     assert Federation(parse_config(tiny_config)).defense.aggregator.f == 2

@@ -63,7 +63,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def restore(fed, state: dict[str, Any]) -> None:
     """Put a freshly built Federation into the checkpointed state."""
-    if state["config"] != fed.cfg.model_dump():
+    from .config import parse_config
+
+    try:  # fields added since the checkpoint was written take their defaults
+        saved = parse_config(state["config"]).model_dump()
+    except PhalanxError:
+        saved = state["config"]
+    if saved != fed.cfg.model_dump():
         raise PhalanxError("checkpoint was written by a different config; resume with the same config")
     if state["params"].shape != fed.params.shape:
         raise PhalanxError(f"checkpoint params have shape {tuple(state['params'].shape)}, "

@@ -159,7 +159,8 @@ class ExperimentConfig(Strict):
     defense_f: Union[StrictInt, StrictFloat, Literal["auto"]] = Field(
         "auto", description="the server's own guess of the Byzantine count among a round's rows, given to "
         "every f-parametrised stage: a count, a fraction < 1 of the round's clients, or 'auto' = "
-        "floor((n - 1) / 4). Never the attack's true count.")
+        "floor((n - 3) / 4), the largest f that every rule accepts (Bulyan needs n >= 4f + 3). Never the "
+        "attack's true count.")
 
     @field_validator("defense_f")
     @classmethod
@@ -175,7 +176,7 @@ class ExperimentConfig(Strict):
         k = self.federation.clients_per_round or self.federation.num_clients
         v = self.defense_f
         if v == "auto":
-            return max(0, (k - 1) // 4)
+            return max(0, (k - 3) // 4)
         if isinstance(v, float) and v < 1:
             return int(round(v * k))
         if v > k:
