@@ -7,7 +7,7 @@ import torch
 import phalanx.attacks  # noqa: F401  (registers the attacks)
 import phalanx.defenses  # noqa: F401
 from phalanx.attacks.base import TrainingInfo
-from phalanx.attacks.layered import STATS, row_stats
+from phalanx.attacks.layered import STATS, row_stats, signs_like
 from phalanx.context import AttackContext, RoundContext, simple_round_context
 from phalanx.defenses.base import Report
 from phalanx.defenses.pipeline import build_defense
@@ -209,6 +209,33 @@ def test_stealth_keeps_the_honest_zero_fraction():
     zeros = (honest == 0).double().mean(1)
     assert not attack.last["fallback"]
     assert zeros.min() <= (out[0] == 0).double().mean() <= zeros.max()
+
+
+def test_signs_like_by_hand():
+    v = torch.tensor([3.0, -1.0, 0.5, -2.0, 0.1])
+    assert torch.equal(signs_like(v, 3, 1), torch.tensor([3.0, 0.0, 0.5, -2.0, 0.1]))
+    tiny = 1e-3 * 6.6 / 5
+    out = signs_like(v, 4, 1)  # -1 ranks 4th: it must turn positive, by as little as possible
+    assert torch.allclose(out, torch.tensor([3.0, tiny, 0.5, -2.0, 0.1]))
+    assert torch.equal(signs_like(v, 0, 0), torch.zeros(5))
+
+
+def test_stealth_in_a_federation_gets_through_validate_and_is_deterministic(tiny_config):
+    from phalanx.config import parse_config
+    from phalanx.federation import Federation
+
+    tiny_config["federation"]["num_clients"] = 10
+    tiny_config.update(attack={"name": "stealth", "byzantine": 2}, defense=["validate", "mean"])
+
+    def run():
+        fed, rows = Federation(parse_config(tiny_config)), []
+        fed.run(on_round=lambda r: rows.append((r.metrics["rejected"], dict(fed.attack.last))))
+        return fed.params, rows
+
+    params, rows = run()
+    assert len(rows) == 3 and all(rejected == 0 and not last["fallback"] for rejected, last in rows)
+    again, rows_again = run()
+    assert torch.equal(params, again) and rows == rows_again
 
 
 @pytest.mark.parametrize("params,needle", [

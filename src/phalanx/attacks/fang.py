@@ -7,16 +7,16 @@ reputation) included -- else the single aggregator named in their parameters (se
 
 * ``fang_krum``: rows ``-lambda * s`` (s = sign of the honest mean), lambda halved from the
   paper's upper bound until the simulated server *selects* a crafted row (then, if none was, a
-  grid over (0, upper bound]: a norm test may accept only a window of lambdas that halving skips). "Selected" is read from
-  the server's report: a crafted row that no stage discarded (``report.discarded()``: rejected by
-  a layer, or left out by a selecting rule such as Krum). When every row survives (a mean, a
-  coordinate-wise rule) the crafted rows count as selected, so lambda stays as large as the
-  layers let through; only a report with no per-row verdict falls back to "is the row nearest
-  the aggregate a crafted one".
+  grid over (0, upper bound]: a norm test may accept only a window of lambdas that halving
+  skips). "Selected" is read from the server's report: a crafted row that no stage discarded
+  (``report.discarded()``: rejected by a layer, or left out by a selecting rule such as Krum).
+  When every row survives (a mean, a coordinate-wise rule) the crafted rows count as selected,
+  so lambda stays as large as the layers let through; only a report with no per-row verdict
+  falls back to "is the row nearest the aggregate a crafted one".
 * ``fang_trmean``: per coordinate, values beyond the honest extreme against the benign direction
   (the paper's interval). ``variant="optimal"`` then shrinks the rows toward the benign mean,
   ``mu + t * (row - mu)`` with t in [0, 1], choosing the t whose rows push the simulated server's
-  aggregate farthest: the paper's rows are norm outliers that a validate or clip layer stops.
+  aggregate farthest: the paper's rows are norm outliers that a validate layer rejects.
 """
 
 from __future__ import annotations

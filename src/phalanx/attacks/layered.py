@@ -112,6 +112,19 @@ def row_stats(R: torch.Tensor, B: torch.Tensor, honest: bool = False) -> torch.T
     return torch.stack([norms, frac(R > 0), frac(R < 0), frac(R == 0), cos_mu, pair], 1)
 
 
+def signs_like(v: torch.Tensor, n_pos: int, n_neg: int) -> torch.Tensor:
+    """v changed as little as possible (entry by entry) to have exactly n_pos positive and n_neg
+    negative entries, the rest zero: ranked by value, the n_pos largest stay positive (a small
+    positive value where v is not), the n_neg smallest stay negative, the ones between become 0."""
+    tiny = 1e-3 * float(v.abs().mean().clamp_min(1e-30))
+    order = v.argsort(descending=True, stable=True)
+    out = torch.zeros_like(v)
+    top, bottom = order[:n_pos], order[v.numel() - n_neg:]
+    out[top] = v[top].clamp_min(tiny)
+    out[bottom] = v[bottom].clamp_max(-tiny)
+    return out
+
+
 class Stealth(Attack):
     """Stealth attack. Threat model: an omniscient attacker facing filters that compare each row's
     norm, sign statistics and cosine similarities with the round's other rows (validate, clip,
@@ -121,8 +134,9 @@ class Stealth(Attack):
     With mu the benign mean and p the perturbation (``sign``: -sign(mu), the step that undoes
     progress coordinate by coordinate; ``std``: +std, ALIE's direction on updates), candidate rows
     follow the path ``u(t) = unit((1 - t) mu/|mu| + t p/|p|)``, t in [0, 1], whose cosine with mu
-    falls from 1 as t grows. Each candidate gets the honest zero fraction (its smallest entries
-    zeroed when it has fewer zeros than the median honest row) and a norm in the honest band
+    falls from 1 as t grows. Each candidate gets the median honest row's numbers of positive and
+    zero entries (:func:`signs_like`: ranked by value, the top entries positive, the bottom ones
+    negative, those between zero, each changed as little as possible) and a norm in the honest band
     (``norm``: "auto" = the band's low end while its cosine with mu is positive, its high end once
     negative, so its component along mu is as small as the band allows). A candidate *passes* when
     its six statistics (:data:`STATS`) lie in the honest rows' [q, 1 - q] quantile band
@@ -149,7 +163,9 @@ class Stealth(Attack):
         slack = 1e-9 * torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0)
         n_lo, n_hi, n_med = float(lo[0]), float(hi[0]), float(S[:, 0].median())
         inside = 1e-3 * (n_hi - n_lo)  # keeps float32 rounding from leaving the norm band
-        zeros = int(round(float(S[:, 3].median()) * d))
+        n_zero = int(round(float(S[:, 3].median()) * d))
+        n_pos = min(int(round(float(S[:, 1].median()) * d)), d - n_zero)
+        n_neg = d - n_zero - n_pos
         mu_hat = mu / mu.norm().clamp_min(1e-30)
         p = -torch.sign(mu) if self.perturbation == "sign" else B.std(0, correction=1 if len(B) > 1 else 0)
         p_hat = p / p.norm().clamp_min(1e-30)
@@ -158,11 +174,7 @@ class Stealth(Attack):
             sim = _Simulator(_server(self.aggregator, self.f, ctx), honest.float(), m, ctx)
 
         def row(t: float) -> torch.Tensor:
-            u = (1 - t) * mu_hat + t * p_hat
-            missing = zeros - int((u == 0).sum())
-            if missing > 0:  # zero the smallest entries, as many as the median honest row has zeros
-                u = u.clone()
-                u[torch.where(u == 0, float("inf"), u.abs()).topk(missing, largest=False).indices] = 0
+            u = signs_like((1 - t) * mu_hat + t * p_hat, n_pos, n_neg)
             u = u / u.norm().clamp_min(1e-30)
             cos = float(u @ mu_hat)
             if self.norm == "median":
