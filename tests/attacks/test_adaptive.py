@@ -13,7 +13,7 @@ from phalanx.context import AttackContext
 from phalanx.errors import PhalanxError
 from phalanx.registry import ATTACKS
 
-ADAPTIVE = ["alie", "ipm", "minmax", "minsum", "fang_krum", "fang_trmean", "mimic"]
+ADAPTIVE = ["alie", "ipm", "minmax", "minsum", "fang_krum", "fang_trmean", "mimic", "stealth"]
 H, M, D = 20, 5, 1000
 
 

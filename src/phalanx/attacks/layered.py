@@ -92,24 +92,63 @@ def on_off(honest_rounds: int = 5, on: int = 2, off: int = 3, attack: str = "sig
 STATS = ("norm", "positive", "negative", "zero", "cosine_to_mean", "mean_pairwise_cosine")
 
 
-def row_stats(R: torch.Tensor, B: torch.Tensor, honest: bool = False) -> torch.Tensor:
-    """float64 [k, 6] (:data:`STATS`): per row of R its L2 norm; fractions of positive, negative
-    and zero entries; cosine with the mean of the benign rows B; mean cosine with the rows of B.
+class RowStats:
+    """The statistics of :data:`STATS` against fixed benign rows B [h, d] (float64 [k, 6] per call):
+    per row its L2 norm; fractions of positive, negative and zero entries; cosine with the mean of
+    B; mean cosine with the rows of B. ``honest()`` gives them for the rows of B themselves, each
+    cosine leaving the row out (the mean of the *other* rows, the other rows), so that an honest
+    row is described as a new row from the same distribution would be: with a noisy mean, a
+    row's own share of it inflates its cosine with the mean far above what any other row reaches
+    (twice over in the synthetic tests)."""
 
-    ``honest=True`` (R is B): both cosines leave the row itself out (the mean of the *other*
-    benign rows, the other rows), so that an honest row is described as a new row from the same
-    distribution would be: with a noisy mean, a row's own share of it inflates its cosine with
-    the mean far above what any other row reaches (twice over in the synthetic tests)."""
-    R64, B64 = R.double(), B.double()
-    k, h = R64.shape[0], B64.shape[0]
-    norms = R64.norm(dim=1)
-    unit = R64 / norms.clamp_min(1e-30)[:, None]
-    means = (B64.sum(0) - B64) / max(h - 1, 1) if honest else B64.mean(0).expand(k, -1)
-    cos_mu = (unit * means).sum(1) / means.norm(dim=1).clamp_min(1e-30)
-    C = unit @ (B64 / B64.norm(dim=1).clamp_min(1e-30)[:, None]).T
-    pair = (C.sum(1) - C.diagonal()) / max(h - 1, 1) if honest else C.mean(1)
-    frac = lambda mask: mask.double().mean(1)  # noqa: E731
-    return torch.stack([norms, frac(R > 0), frac(R < 0), frac(R == 0), cos_mu, pair], 1)
+    def __init__(self, B: torch.Tensor):
+        self.B = B.double()
+        self.h = self.B.shape[0]
+        self.mean = self.B.mean(0)
+        self.units = self.B / self.B.norm(dim=1).clamp_min(1e-30)[:, None]
+
+    @staticmethod
+    def _table(R, norms, cos_mu, pair) -> torch.Tensor:
+        frac = lambda mask: mask.double().mean(1)  # noqa: E731
+        return torch.stack([norms, frac(R > 0), frac(R < 0), frac(R == 0), cos_mu, pair], 1)
+
+    def honest(self) -> torch.Tensor:
+        norms = self.B.norm(dim=1)
+        others = (self.B.sum(0) - self.B) / max(self.h - 1, 1)
+        cos_mu = (self.units * others).sum(1) / others.norm(dim=1).clamp_min(1e-30)
+        C = self.units @ self.units.T
+        pair = (C.sum(1) - C.diagonal()) / max(self.h - 1, 1)
+        return self._table(self.B, norms, cos_mu, pair)
+
+    def __call__(self, R: torch.Tensor) -> torch.Tensor:
+        R64 = R.double()
+        norms = R64.norm(dim=1)
+        unit = R64 / norms.clamp_min(1e-30)[:, None]
+        cos_mu = unit @ self.mean / self.mean.norm().clamp_min(1e-30)
+        return self._table(R, norms, cos_mu, (unit @ self.units.T).mean(1))
+
+
+def row_stats(R: torch.Tensor, B: torch.Tensor, honest: bool = False) -> torch.Tensor:
+    """:class:`RowStats` of the rows R against benign rows B (``honest``: R is B, rows left out)."""
+    stats = RowStats(B)
+    return stats.honest() if honest else stats(R)
+
+
+def _extreme(v: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Bool mask of the k largest (smallest) entries of v, as the first (last) k of a stable
+    descending sort: ties go to the lower (higher) index. O(d), by kthvalue."""
+    d = v.numel()
+    mask = torch.zeros(d, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    if k >= d:
+        return ~mask
+    x = -v if largest else v
+    threshold = torch.kthvalue(x, k).values
+    mask = x < threshold
+    ties = (x == threshold).nonzero().flatten()
+    mask[(ties if largest else ties.flip(0))[:k - int(mask.sum())]] = True
+    return mask
 
 
 def signs_like(v: torch.Tensor, n_pos: int, n_neg: int) -> torch.Tensor:
@@ -117,9 +156,8 @@ def signs_like(v: torch.Tensor, n_pos: int, n_neg: int) -> torch.Tensor:
     negative entries, the rest zero: ranked by value, the n_pos largest stay positive (a small
     positive value where v is not), the n_neg smallest stay negative, the ones between become 0."""
     tiny = 1e-3 * float(v.abs().mean().clamp_min(1e-30))
-    order = v.argsort(descending=True, stable=True)
+    top, bottom = _extreme(v, n_pos, True), _extreme(v, n_neg, False)
     out = torch.zeros_like(v)
-    top, bottom = order[:n_pos], order[v.numel() - n_neg:]
     out[top] = v[top].clamp_min(tiny)
     out[bottom] = v[bottom].clamp_max(-tiny)
     return out
@@ -157,7 +195,8 @@ class Stealth(Attack):
         B = _benign(self.name, honest, ctx).double()
         m, d = ctx.m, B.shape[1]
         mu = B.mean(0)
-        S = row_stats(B, B, honest=True)
+        stats = RowStats(B)
+        S = stats.honest()
         lo = torch.quantile(S, self.band, dim=0)
         hi = torch.quantile(S, 1 - self.band, dim=0)
         slack = 1e-9 * torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0)
@@ -173,7 +212,14 @@ class Stealth(Attack):
         if ctx.aggregator is not None or self.aggregator is not None:
             sim = _Simulator(_server(self.aggregator, self.f, ctx), honest.float(), m, ctx)
 
+        cache: dict[float, torch.Tensor] = {}
+
         def row(t: float) -> torch.Tensor:
+            if t not in cache:
+                cache[t] = candidate(t)
+            return cache[t]
+
+        def candidate(t: float) -> torch.Tensor:
             u = signs_like((1 - t) * mu_hat + t * p_hat, n_pos, n_neg)
             u = u / u.norm().clamp_min(1e-30)
             cos = float(u @ mu_hat)
@@ -186,7 +232,7 @@ class Stealth(Attack):
             return (u * target).to(torch.float32)
 
         def in_band(r: torch.Tensor) -> bool:
-            s = row_stats(r[None], B)[0]
+            s = stats(r[None])[0]
             return bool(((s >= lo - slack) & (s <= hi + slack)).all())
 
         def passes(t: float) -> bool:
@@ -210,7 +256,7 @@ class Stealth(Attack):
             if cos_of(0.0) <= c:
                 return 0.0
             a, b = 0.0, 1.0
-            for _ in range(50):
+            for _ in range(24):  # t to 6e-8; the grid and the bisection below refine
                 mid = (a + b) / 2
                 a, b = (mid, b) if cos_of(mid) >= c else (a, mid)
             return a if above else b
@@ -230,7 +276,7 @@ class Stealth(Attack):
                 good, bad = (mid, bad) if passes(mid) else (good, mid)
             t = good
         r = row(t)
-        self.last = {"t": t, "fallback": False, "cosine": float(row_stats(r[None], B)[0, 4])}
+        self.last = {"t": t, "fallback": False, "cosine": float(stats(r[None])[0, 4])}
         if sim is not None:
             self.last["deviation"] = _deviation(sim, r.expand(m, d), mu)
         return r.expand(m, d).clone()
