@@ -136,8 +136,8 @@ class FangTrmean(Attack):
 @ATTACKS.register("fang_krum")
 def fang_krum(aggregator: str = "krum", f: int | None = None, threshold: float = 1e-5,
               eps: float = 0.0, steps: int = 50) -> Attack:
-    """Fang et al. (2020) attack on Krum; the server simulated: ctx.aggregator (the whole pipeline),
-    else DEFENSES.build(aggregator, f)."""
+    """Fang et al. (2020) attack on Krum, searched against the server's whole pipeline.
+    The server simulated is ctx.aggregator when given, else DEFENSES.build(aggregator, f)."""
     if not isinstance(aggregator, str):
         raise PhalanxError(f"fang_krum: aggregator must be a registered defense name, got {aggregator!r}")
     if f is not None:

@@ -25,10 +25,13 @@ from .model_poisoning import check_choice, check_inputs, check_int, check_number
 # ---- on-off ------------------------------------------------------------------------------------
 
 class OnOff(Attack):
-    """On-off attack. Threat model: attackers that know the server keeps a time-decay reputation
-    (quarantine below a threshold, release above another) behave honestly until their reputation
-    is believed high, then attack in short bursts, each followed by honest rounds that let it
-    recover.
+    """On-off attack, against time-decay reputation with quarantine.
+
+    Threat model: clients that know the server keeps a decaying reputation (plus what the inner attack knows).
+
+    They behave honestly until their reputation is believed high, then attack in short bursts,
+    each followed by honest rounds in which a time-decay reputation recovers (quarantine below a
+    threshold, release above another, never reached).
 
     The attackers' clock starts at the first round the attack runs (``history["on_off_start"]``):
     ``honest_rounds`` of warm-up, then repeating cycles of ``on`` attack rounds and ``off``
@@ -69,8 +72,9 @@ class OnOff(Attack):
 @ATTACKS.register("on_off")
 def on_off(honest_rounds: int = 5, on: int = 2, off: int = 3, attack: str = "sign_flip",
            params: dict | None = None) -> Attack:
-    """On-off: honest for honest_rounds, then cycles of `on` rounds of the inner `attack`
-    (built with `params`) and `off` honest rounds; aimed at reputation and quarantine."""
+    """On-off: honest warm-up, then bursts of the inner attack between honest spells (vs reputation).
+    honest_rounds of warm-up, then cycles of `on` rounds of `attack` (built with `params`) and
+    `off` honest rounds."""
     check_int("on_off", "honest_rounds", honest_rounds)
     check_int("on_off", "on", on, minimum=1)
     check_int("on_off", "off", off)
@@ -164,10 +168,13 @@ def signs_like(v: torch.Tensor, n_pos: int, n_neg: int) -> torch.Tensor:
 
 
 class Stealth(Attack):
-    """Stealth attack. Threat model: an omniscient attacker facing filters that compare each row's
-    norm, sign statistics and cosine similarities with the round's other rows (validate, clip,
-    SignGuard's sign_filter, FLAME-style cosine filters) sends rows that look like honest ones
-    on every such statistic while pulling the aggregate against the benign direction.
+    """Stealth attack, against filters on row statistics (validate, clip, sign_filter, FLAME-style).
+
+    Threat model: omniscient clients (read honest rows, may simulate the server) facing per-row statistic filters.
+
+    They send rows that look like honest ones on every statistic such filters compare (L2 norm,
+    fractions of positive, negative and zero entries, cosine with the mean and with the other
+    rows) while pulling the aggregate against the benign direction.
 
     With mu the benign mean and p the perturbation (``sign``: -sign(mu), the step that undoes
     progress coordinate by coordinate; ``std``: +std, ALIE's direction on updates), candidate rows
@@ -288,8 +295,8 @@ class Stealth(Attack):
 @ATTACKS.register("stealth")
 def stealth(perturbation: str = "sign", band: float = 0.1, norm: str = "auto", grid: int = 9, steps: int = 12,
             aggregator: str | None = None, f: int | None = None) -> Attack:
-    """Stealth: a row with honest-looking norm, sign fractions and cosines, turned against the
-    benign direction as far as those allow; aimed at validate, clip, sign_filter and FLAME."""
+    """Stealth: honest-looking norm, sign fractions and cosines, turned against the benign direction.
+    Aimed at validate, clip, sign_filter and FLAME-style filters; see :class:`Stealth`."""
     check_choice("stealth", "perturbation", perturbation, ("sign", "std"))
     check_number("stealth", "band", band, nonneg=True)
     if band >= 0.5:
