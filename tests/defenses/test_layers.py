@@ -202,24 +202,6 @@ def test_reputation_leaves_room_for_rows_earlier_layers_dropped():
     assert report.reasons == {0: "quarantined"} and int((w2 == 0).sum()) == 3
 
 
-@pytest.mark.parametrize("f,least", [(2, 5), (3, 7)])
-def test_reputation_with_f_needs_an_honest_majority_of_active_rows(f, least):
-    from phalanx.errors import BoundError
-
-    U = honest(least)
-    rep = Reputation(use_validation=False, f=f)
-    _, w, _ = rep(U, torch.ones(least), simple_round_context(U))  # just inside
-    assert w.shape == (least,)
-    with pytest.raises(BoundError) as e:  # just outside
-        rep(U[:-1], torch.ones(least - 1), simple_round_context(U[:-1]))
-    assert str(e.value) == f"reputation: needs n > 2f clients, got n={least - 1}, f={f}"
-    w = torch.ones(least)
-    w[2] = 0.0  # a row an earlier layer rejected does not lower f
-    with pytest.raises(BoundError, match=f"got n={least - 1}, f={f}"):
-        rep(U, w, simple_round_context(U))
-    Reputation(use_validation=False)(U[:1], torch.ones(1), simple_round_context(U[:1]))  # f=None: no bound
-
-
 def _reputation_round(pipe, r, n_clients=12, k=9):
     """Round r: k of n_clients sampled (partial participation); c0..c2 sign-flip, c3 scales up."""
     g = torch.Generator().manual_seed(100 + r)
