@@ -1,6 +1,7 @@
 """Every untargeted attack against every robust aggregator on Fashion-MNIST (IID and Dirichlet 0.5).
 
     python benchmarks/reproduce_byzantine.py --workers 2   # 25 clients, 5 Byzantine, full grid
+    python benchmarks/reproduce_byzantine.py --preset dsgd-momentum --workers 2   # with worker momentum
     python benchmarks/reproduce_byzantine.py --smoke       # digits, MLP, 100 rounds: 24 cells and targets
     python benchmarks/reproduce_byzantine.py --defenses layered --layered my.yaml   # one more row
 
@@ -16,7 +17,7 @@ Allouah et al. 2023): ALIE and IPM hurt Krum and the median far more than sign f
 centered clipping and NNM-combined rules hold up best; no defense is best everywhere. ALIE and IPM
 run their "optimal" variants (z and epsilon searched against the server's real pipeline, as
 ByzFL's benchmark does, every 5 rounds to bound the cost). With local epochs and client momentum
-(FedAvg: ``--local-steps 13 --momentum 0.9 --lr 0.05 --rounds 20``) the honest updates vary much
+(FedAvg: ``--preset fedavg``, i.e. ``--local-steps 13 --momentum 0.9 --lr 0.05 --rounds 20``) the honest updates vary much
 less and ALIE no longer hurts the median: Karimireddy et al.'s point about momentum.
 
 ``--smoke`` (about a minute on one core) runs the same distributed-SGD setting on scikit-learn's
@@ -97,6 +98,12 @@ DEFENSES = {
     "bucketing+cclip": [{"bucketing": {"s": 2, "aggregator": "centered_clipping"}}],
 }
 
+PRESETS = {
+    "dsgd": {},
+    "dsgd-momentum": {"momentum": 0.9, "client_momentum": True},
+    "fedavg": {"local_steps": 13, "momentum": 0.9, "lr": 0.05, "rounds": 20},
+}
+
 SMOKE = {"dataset": "digits", "model": "mlp", "rounds": 100, "train_subset": None, "test_subset": None,
          "workers": 1, "partitions": "iid", "attacks": "none,gaussian,sign_flip,ipm",
          "defenses": "mean,median,krum,nnm+krum,cclip,nnm+trmean"}
@@ -121,15 +128,16 @@ def cell_config(args, partition: str, attack: str, defense: list) -> dict:
         "model": {"name": args.model},
         "federation": {"num_clients": args.clients, "rounds": args.rounds, "batch_size": args.batch_size,
                        "lr": args.lr, "momentum": args.momentum, "local_steps": args.local_steps,
-                       "eval_every": args.rounds, "server_data": 100},
+                       "client_momentum": args.client_momentum, "eval_every": args.rounds, "server_data": 100},
         "attack": atk,
         "defense": defense,
+        "defense_f": args.defense_f if args.defense_f == "auto" else int(args.defense_f),
     }
 
 
 def setting(args) -> dict:
     """What determines a run's result, besides its (partition, attack, defense) key."""
-    skip = {"workers", "partitions", "attacks", "defenses", "out", "layered", "smoke"}
+    skip = {"workers", "partitions", "attacks", "defenses", "out", "layered", "smoke", "preset"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -184,6 +192,12 @@ def main() -> None:
     p.add_argument("--train-subset", type=int, default=10000)
     p.add_argument("--test-subset", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--client-momentum", action="store_true",
+                   help="worker momentum: each client keeps its momentum buffer across rounds (needs --momentum)")
+    p.add_argument("--defense-f", default="auto", help="the server's guess of f: a count, or auto = floor((n-3)/4)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="dsgd",
+                   help="dsgd: one local step, no momentum (default); dsgd-momentum: one step with worker "
+                        "momentum 0.9; fedavg: 13 local steps, momentum 0.9, lr 0.05, 20 rounds")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--partitions", default="iid,dirichlet")
     p.add_argument("--attacks", default=",".join(ATTACKS))
@@ -193,6 +207,9 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true",
                    help="digits, MLP, 100 rounds, 24 cells with targets, then every cell for 1 round")
     args = p.parse_args()
+    for key, value in PRESETS[args.preset].items():  # options given on the command line win
+        if getattr(args, key) == p.get_default(key):
+            setattr(args, key, value)
     if args.smoke:  # options given on the command line win over the smoke's own
         for key, value in SMOKE.items():
             if getattr(args, key) == p.get_default(key):
