@@ -110,7 +110,11 @@ def test_malformed_rows_earn_nothing():
     rep = Reputation(use_validation=False, f=2)
     status = run(rep, 4, make=nan_round, layers=[Validate(check_norms=False)])
     assert "c5" in status[-1] and status[-1] == {"c5"}
-    assert rep.history["c5"] == pytest.approx([0.6 * 0.7 ** k for k in range(1, 5)])
+    a, b, expected = 1.2, 0.8, []  # the prior's evidence (0.6 x 2 rounds), then a bad round each time
+    for _ in range(4):
+        a, b = 0.9 * a, 0.9 * b + 1.0
+        expected.append(a / (a + b))
+    assert rep.history["c5"] == pytest.approx(expected)
     # a failed signature (the pipeline may pass the reasons) counts as malformed, a sign cluster not
     other = Reputation(use_validation=False)
     U = skewed_round(0, skewed=(), flipper=None)
@@ -119,7 +123,7 @@ def test_malformed_rows_earn_nothing():
     rejected[[1, 2]] = True
     other.observe(U, torch.ones(12), U.mean(0), ctx, rejected,
                   reasons={1: "verify:bad_signature", 2: ["sign_filter:sign_cluster"]})
-    assert other.score("c1") == pytest.approx(0.42) and other.score("c2") == pytest.approx(0.72)
+    assert other.score("c1") == pytest.approx(1.08 / 2.8) and other.score("c2") == pytest.approx(2.08 / 2.8)
 
 
 def test_never_raises_with_few_active_rows_and_stands_down_beyond_f():
@@ -202,3 +206,39 @@ def test_state_round_trip_through_json_with_validation_and_standing_down():
         stood.append(a[3])
     assert resumed.state_dict() == straight.state_dict()
     assert straight.quarantined <= {"c0", "c1", "c2"} and len(straight.quarantined) == 2
+
+
+def test_judged_by_its_own_record_an_attackers_good_rounds_do_not_buy_it_back_nor_an_honest_streak_quarantine_it():
+    def make(r):
+        U = skewed_round(r, skewed=(), flipper=None)
+        if r not in (6, 7):  # client 0 sign-flips, except for two rounds in a row
+            U[0] = -U[0]
+        if 8 <= r < 12:  # client 1, honest for 8 rounds, then four bad rounds in a row
+            U[1] = -U[1]
+        return U
+
+    rep = Reputation(use_validation=False, f=3)
+    status = run(rep, 14, make=make)
+    first = next(r for r, q in enumerate(status) if "c0" in q)
+    assert first <= 2 and all("c0" in q for q in status[first:])
+    assert not any("c1" in q for q in status) and rep.score("c1") > rep.threshold
+    ema = 0.6  # the moving average this replaces (r <- 0.7 r + 0.3 c) would have quarantined client 1
+    for r in range(12):
+        ema = 0.7 * ema + 0.3 * (0.0 if r >= 8 else 1.0)
+    assert ema < rep.threshold
+
+
+def test_state_evidence_is_checked_and_older_checkpoints_without_it_load():
+    old = {"scores": {"c0": 0.2, "c1": 0.9}, "quarantined": ["c0"], "history": {"c0": [0.2], "c1": [0.9]}}
+    rep = Reputation()
+    rep.load_state_dict(old)
+    assert rep.evidence == {} and rep._evidence("c1") == pytest.approx((1.8, 0.2))
+    good = {**old, "evidence": {"c0": [0.4, 1.6], "c1": [1.8, 0.2]}}
+    rep.load_state_dict(good)
+    assert rep.state_dict() == good
+    for bad in [{"c0": [0.4]}, {"c0": [-1.0, 1.0]}, {"c9": [1.0, 1.0]}, {"c0": "x"}, [1, 2],
+                {"c0": [float("inf"), 1.0]}]:
+        with pytest.raises(PhalanxError, match="reputation: state evidence"):
+            Reputation().load_state_dict({**old, "evidence": bad})
+    with pytest.raises(PhalanxError, match="reputation: prior_weight must be"):
+        Reputation(prior_weight=0)

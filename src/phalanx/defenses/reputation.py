@@ -21,15 +21,19 @@ Each round a client that sent an update earns a contribution c in [0, 1], the pr
   one-sided robust z-test on the validation loss of applying the row alone, against its peers.
   A skewed honest update raises the loss when applied alone; only a clear outlier is penalised.
 
-The reputation is an exponential moving average, ``r <- decay * r + (1 - decay) * c``, so a
-client is judged against its own record over several rounds, never on one round. This follows the
-time-decay reputations of the literature: AFA (Munoz-Gonzalez et al. 2019, "Byzantine-robust
-federated machine learning through adaptive model averaging") keeps a per-client record of good
-and bad rounds and blocks a client whose probability of being good falls under a threshold;
-Kang et al. 2019 ("Incentive mechanism for reliable federated learning", IEEE IoT Journal) weight
-past interactions by freshness in a subjective-logic reputation. Unknown clients start at ``prior``. A
-client whose reputation falls under ``threshold`` is quarantined (weight 0) until it climbs back
-over ``release`` (hysteresis). The agreement and norm rules above, and the handling of rejections
+The reputation is a Beta reputation with forgetting (Josang and Ismail 2002, "The Beta
+reputation system"): each client holds evidence of good (alpha) and bad (beta) behaviour; a round
+in which it takes part adds c to alpha and 1 - c to beta after discounting both by ``decay``, and
+its reputation is alpha / (alpha + beta). An unknown client starts at ``prior`` with the weight of
+``prior_weight`` rounds. So a client is judged against its own record: a new client is judged
+quickly (two rounds of a sign-flipper take it from 0.6 to 0.28), an established one by its long
+record, so that an honest client's occasional bad rounds under label skew do not move it far,
+and an attacker's occasional good rounds do not buy it back. Its evidence is bounded by
+1 / (1 - decay) rounds' worth, so old behaviour is forgotten and a reformed client returns. AFA
+(Munoz-Gonzalez et al. 2019, "Byzantine-robust federated machine learning through adaptive model
+averaging") blocks clients by the same kind of Beta posterior of being good. A client whose
+reputation falls under ``threshold`` is quarantined (weight 0) until it climbs back over
+``release`` (hysteresis). The agreement and norm rules above, and the handling of rejections
 below, are our own.
 
 What another layer rejected: a row rejected as malformed (``nonfinite``, ``bad_dtype``, a failed
@@ -66,7 +70,7 @@ from .base import Layer, Report
 from .validate import INGEST_KEY
 
 #: rejection reasons that mark the row itself as malformed or unauthenticated: contribution 0.
-MALFORMED = frozenset({"nonfinite", "bad_dtype", "malformed", "bad_shape", "missing_signature",
+MALFORMED = frozenset({"nonfinite", "bad_dtype", "not_a_tensor", "wrong_size", "missing_signature",
                        "malformed_envelope", "bad_signature", "digest_mismatch", "replayed_nonce",
                        "wrong_run", "stale_round", "unknown_client", "revoked_client"})
 
@@ -83,9 +87,9 @@ class Reputation(Layer):
     name = "reputation"
     anywhere = True  # may be listed after the aggregator in a config
 
-    def __init__(self, decay: float = 0.7, prior: float = 0.6, threshold: float = 0.3, release: float = 0.5,
+    def __init__(self, decay: float = 0.9, prior: float = 0.6, threshold: float = 0.3, release: float = 0.5,
                  z_tolerance: float = 3.0, use_validation: bool = True, weight_by_reputation: bool = True,
-                 f: int | None = None, agreement: float = 0.2):
+                 f: int | None = None, agreement: float = 0.2, prior_weight: float = 2.0):
         for pname, v in (("decay", decay), ("prior", prior), ("threshold", threshold), ("release", release)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise PhalanxError(f"reputation: {pname} must be a number in [0, 1], got {v!r}")
@@ -95,19 +99,31 @@ class Reputation(Layer):
             raise PhalanxError(f"reputation: z_tolerance must be > 0, got {z_tolerance!r}")
         if isinstance(agreement, bool) or not isinstance(agreement, (int, float)) or not 0 < agreement <= 1:
             raise PhalanxError(f"reputation: agreement must be a number in (0, 1], got {agreement!r}")
+        if isinstance(prior_weight, bool) or not isinstance(prior_weight, (int, float)) or not 0 < prior_weight < 1e6:
+            raise PhalanxError(f"reputation: prior_weight must be a number > 0, got {prior_weight!r}")
         if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 0):
             raise PhalanxError(f"reputation: f must be an integer >= 0 or None, got {f!r}")
         self.decay, self.prior, self.threshold, self.release = float(decay), float(prior), float(threshold), float(release)
-        self.z_tolerance, self.agreement = float(z_tolerance), float(agreement)
+        self.z_tolerance, self.agreement, self.prior_weight = float(z_tolerance), float(agreement), float(prior_weight)
         self.use_validation = use_validation
         self.weight_by_reputation = weight_by_reputation
         self.f = f
         self.scores: dict[str, float] = {}
         self.quarantined: set[str] = set()
         self.history: dict[str, list[float]] = {}
+        self.evidence: dict[str, list[float]] = {}  # client id -> [alpha, beta]
 
     def score(self, cid: str) -> float:
         return self.scores.get(cid, self.prior)
+
+    def _evidence(self, cid: str) -> tuple[float, float]:
+        """[alpha, beta] of a client; one without a record (unknown, or whose score was set from
+        outside) weighs its score as ``prior_weight`` rounds."""
+        if cid in self.evidence:
+            a, b = self.evidence[cid]
+            return a, b
+        s = self.score(cid)
+        return s * self.prior_weight, (1 - s) * self.prior_weight
 
     def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
         report = Report(self.name, n=U.shape[0])
@@ -199,7 +215,11 @@ class Reputation(Layer):
                 ci = None  # an untrustworthy round: reputation unchanged
             else:
                 ci = float(c[i])
-            r = self.score(cid) if ci is None else self.decay * self.score(cid) + (1 - self.decay) * ci
+            a, b = self._evidence(cid)
+            if ci is not None:
+                a, b = self.decay * a + ci, self.decay * b + (1 - ci)
+            self.evidence[cid] = [a, b]
+            r = a / (a + b) if a + b > 0 else self.prior
             self.scores[cid] = r
             self.history.setdefault(cid, []).append(r)
             if r < self.threshold:
@@ -211,19 +231,20 @@ class Reputation(Layer):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the layer learns (copies, JSON-friendly): each client's reputation, who is
-        quarantined, and each client's reputation after every round it took part in. The rest
-        (decay, thresholds, agreement, f) is configuration. A layer built afresh with the same
+        quarantined, each client's reputation after every round it took part in, and its evidence
+        [alpha, beta]. The rest (decay, thresholds, agreement, prior weight, f) is configuration. A layer built afresh with the same
         parameters and given this state continues exactly as the saved one would have."""
         return {"scores": dict(self.scores), "quarantined": sorted(self.quarantined),
-                "history": {k: list(v) for k, v in self.history.items()}}
+                "history": {k: list(v) for k, v in self.history.items()},
+                "evidence": {k: list(v) for k, v in self.evidence.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return  # a fresh pipeline slot: nothing learnt yet
-        keys = {"scores", "quarantined", "history"}
-        if not isinstance(state, dict) or set(state) != keys:
+        keys = {"scores", "quarantined", "history"}  # "evidence" too, except in older checkpoints
+        if not isinstance(state, dict) or not keys <= set(state) <= keys | {"evidence"}:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise PhalanxError(f"reputation: state keys must be {sorted(keys)}, got {got}")
+            raise PhalanxError(f"reputation: state keys must be {sorted(keys)} and optionally 'evidence', got {got}")
         try:
             scores = {c: float(r) for c, r in dict(state["scores"]).items()}
         except (TypeError, ValueError):
@@ -242,15 +263,26 @@ class Reputation(Layer):
         except (TypeError, ValueError):
             raise PhalanxError("reputation: state history must map client id -> list of numbers, got "
                                f"{state['history']!r:.80}") from None
+        evidence = {}
+        try:
+            for c, v in dict(state.get("evidence", {})).items():
+                a, b = (float(x) for x in v)
+                if c not in scores or not (0 <= a < float("inf") and 0 <= b < float("inf")):
+                    raise ValueError
+                evidence[c] = [a, b]
+        except (TypeError, ValueError):
+            raise PhalanxError("reputation: state evidence must map scored client ids -> [alpha, beta] "
+                               f"(finite, >= 0), got {state.get('evidence')!r:.80}") from None
         self.scores, self.quarantined, self.history = scores, set(quarantined), history
+        self.evidence = evidence
 
 
 @DEFENSES.register("reputation")
-def reputation(decay: float = 0.7, prior: float = 0.6, threshold: float = 0.3, release: float = 0.5,
+def reputation(decay: float = 0.9, prior: float = 0.6, threshold: float = 0.3, release: float = 0.5,
                z_tolerance: float = 3.0, use_validation: bool = True, weight_by_reputation: bool = True,
-               f: int | None = None, agreement: float = 0.2) -> Reputation:
-    """Time-decay reputation (direction agreement with the aggregate, one-sided norm and validation
+               f: int | None = None, agreement: float = 0.2, prior_weight: float = 2.0) -> Reputation:
+    """Beta reputation with forgetting (direction agreement with the aggregate, one-sided norm and validation
     outlier tests against the round's peers) with quarantine of at most f clients; never aborts a
     round."""
     return Reputation(decay, prior, threshold, release, z_tolerance, use_validation, weight_by_reputation, f,
-                      agreement)
+                      agreement, prior_weight)
