@@ -36,6 +36,12 @@ class Registry:
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (tests, and a plug-in that replaces its own entry); unknown names are an error."""
+        self.get(name)
+        del self._table[name]
+        del self._doc[name]
+
     def names(self) -> list[str]:
         return sorted(self._table)
 

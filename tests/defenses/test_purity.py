@@ -1,4 +1,4 @@
-"""Pure stages: no registered defense stage modifies the tensors it is given (DESIGN.md).
+"""Pure stages: no registered defense stage modifies the tensors it is given (docs/design.md).
 
 Every entry of the DEFENSES registry is built and called on U of shape (n, 1), on a column-major
 U and on an ordinary row-major U; afterwards U, w (and g for post steps) must be bit-identical to

@@ -1,4 +1,4 @@
-"""The attack contracts (DESIGN.md).
+"""The attack contracts (docs/design.md).
 
 * A **model-poisoning attack** maps ``(honest [h, d], ctx: AttackContext) -> [m, d]``: the rows the
   m malicious clients send. ``ctx.own`` holds what they computed on their own data. An omniscient

@@ -1,4 +1,4 @@
-"""The defense contracts: layers, aggregators, post-processors and their reports (DESIGN.md).
+"""The defense contracts: layers, aggregators, post-processors and their reports (docs/design.md).
 
 * A **layer** maps ``(U [n, d], w [n], ctx) -> (U', w', report)``. ``w`` holds a non-negative
   weight per row; weight 0 means the row is rejected and later stages ignore it.
