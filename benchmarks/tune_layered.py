@@ -35,7 +35,6 @@ BASE = {"data": {"dataset": "fashion-mnist", "train_subset": 12000, "test_subset
 
 ATTACKS = {
     "clean": {"family": "none"},
-    "gaussian": {"family": "random", "name": "gaussian", "params": {"scale": 1.0}},
     "sign_flip": {"family": "random", "name": "sign_flip"},
     "scaling": {"family": "random", "name": "scaling", "params": {"factor": 10.0}},
     "label_flip": {"family": "random", "poison": "label_flip"},
@@ -44,7 +43,6 @@ ATTACKS = {
     "ipm": {"family": "adaptive", "name": "ipm", "params": {"epsilon": 0.5}},
     "minmax": {"family": "adaptive", "name": "minmax"},
     "fang_trmean": {"family": "adaptive", "name": "fang_trmean"},
-    "mimic": {"family": "adaptive", "name": "mimic"},
     "on_off": {"family": "adaptive", "name": "on_off"},
     "stealth": {"family": "adaptive", "name": "stealth"},
     "pixel_trigger": {"family": "backdoor", "poison": "pixel_trigger"},
