@@ -67,13 +67,17 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
           limit: Optional[int] = typer.Option(None, min=1, help="run at most N pending cells, then stop"),
           redo: Optional[List[str]] = typer.Option(None, help="run ATTACK/DEFENSE cells again even when done "
                                                    "(a glob such as 'fang_krum/*'; repeatable)"),
-          out: Optional[Path] = typer.Option(None, help="also write the HTML report into this folder")):
+          out: Optional[Path] = typer.Option(None, help="also write the HTML report into this folder"),
+          plugin: Optional[List[str]] = typer.Option(None, "--plugin", metavar="FILE_OR_MODULE",
+                                                     help="import your own module first: a .py file or a dotted "
+                                                     "module name (repeatable); grid workers import it too")):
     """Run an attack x defense grid: parallel, stored, resumable (cells already done are skipped)."""
     import phalanx  # noqa: F401  (registers everything)
     from .bench import load_grid, run_grid
+    from .plugins import command_line
 
     try:
-        spec = load_grid(grid, set_ or [])
+        spec = load_grid(grid, set_ or [], plugins=command_line(plugin))
         db = db or Path("results") / f"{spec.name}.db"
         bar = RichProgress(console)
         try:
@@ -101,11 +105,21 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
         _fail(str(e))
 
 
-def report(db: Path = typer.Argument(..., help="SQLite results store written by `phalanx bench`"),
+def report(db: Path = typer.Argument(..., help="SQLite results store (of `phalanx bench` or `phalanx run`)"),
            out: Path = typer.Option(Path("results/report"), help="folder for report.html and report.md"),
-           grid: Optional[str] = typer.Option(None, help="only this grid (default: every grid in the store)")):
-    """The comparative table in the terminal, and an HTML report with plots (plus Markdown)."""
+           grid: Optional[str] = typer.Option(None, help="only this grid (default: every grid in the store)"),
+           plugin: Optional[List[str]] = typer.Option(None, "--plugin", metavar="FILE_OR_MODULE",
+                                                      help="import your own module first (repeatable)")):
+    """A grid's comparative table in the terminal and an HTML report with plots (plus Markdown); for a
+    store of plain runs, the runs with their accuracy curves and per-client panels."""
+    from .plugins import command_line
+    from .report import is_grid_store
+
     try:
+        command_line(plugin)
+        if grid is None and not is_grid_store(db):
+            _runs_report(db, out)
+            return
         _print_table(db, grid)
         _write(db, out, grid)
     except PhalanxError as e:
@@ -128,6 +142,17 @@ def _write(db: Path, out: Path, grid: str | None) -> None:
     from .report import write_report
 
     rep = write_report(db, out, grid)
+    console.print(f"report: {rep.html} and {rep.markdown}", highlight=False)
+
+
+def _runs_report(db: Path, out: Path) -> None:
+    from .cli import runs_table
+    from .report.runs import write_runs_report
+    from .store import Store
+
+    rep = write_runs_report(db, out)
+    with Store(db) as store:
+        console.print(runs_table(store.runs(), f"{len(rep.runs)} run(s) in {db} (no grid)"))
     console.print(f"report: {rep.html} and {rep.markdown}", highlight=False)
 
 

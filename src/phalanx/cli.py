@@ -1,4 +1,4 @@
-"""The ``phalanx`` command line: run, list, show (and, from later modules, keys, invert, bench, report)."""
+"""The ``phalanx`` command line: run, list, show, export (and, from their own modules, keys, invert, bench, report)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,39 @@ console = Console()
 
 
 def fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+PLUGIN_HELP = "import your own module first: a .py file or a dotted module name (repeatable)"
+
+
+def plugin_option():
+    return typer.Option(None, "--plugin", metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
+
+
+def use_plugins(specs: Optional[List[str]]) -> list[str]:
+    """Import the command's ``--plugin`` entries (and those given before the command); all of them,
+    resolved. A plug-in that cannot be imported is one error line."""
+    from .plugins import command_line
+
+    try:
+        return command_line(specs)
+    except PhalanxError as e:
+        fail(str(e))
+
+
+@app.callback()
+def _root(plugin: Optional[List[str]] = plugin_option()) -> None:
+    """phalanx: federated learning under Byzantine attack."""
+    from .plugins import set_command_line
+
+    try:
+        set_command_line(plugin)
+    except PhalanxError as e:
+        fail(str(e))
 
 
 def fmt(v, digits: int = 4) -> str:
@@ -41,7 +72,8 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
         checkpoint: Optional[Path] = typer.Option(
             None, help="checkpoint file, saved every round (default: checkpoints/RUN_ID.pt beside the store)"),
         resume: bool = typer.Option(False, "--resume", help="continue the newest interrupted run of this "
-                                    "config from its checkpoint")):
+                                    "config from its checkpoint"),
+        plugin: Optional[List[str]] = plugin_option()):
     """Run one experiment, with a progress bar and a final summary table."""
     import phalanx  # noqa: F401  (registers everything)
     from .checkpoint import load_checkpoint
@@ -49,8 +81,9 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
     from .federation import Federation
     from .store import Store
 
+    plugins = use_plugins(plugin)
     try:
-        cfg = load_config(config, set_ or [])
+        cfg = load_config(config, set_ or [], plugins=plugins)
         fedn = Federation(cfg)
         store = Store(db)
         if resume:
@@ -72,10 +105,11 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
             def on_round(res):
                 m = res.metrics
                 if "accuracy" in m:
-                    bar.update(task, acc=f"acc {m['accuracy']:.4f}")
+                    bar.update(task, acc=f"accuracy {metric('accuracy', m['accuracy'])}")
                     if not quiet:
-                        extra = "".join(f"  {k} {m[k]:.3f}" for k in sorted(m) if k.startswith("asr"))
-                        bar.console.print(f"round {res.round + 1:>3}/{rounds}  accuracy {m['accuracy']:.4f}  "
+                        extra = "".join(f"  {k} {metric(k, m[k])}" for k in sorted(m)
+                                        if k.startswith("asr") and m[k] is not None)
+                        bar.console.print(f"round {res.round + 1:>3}/{rounds}  accuracy {metric('accuracy', m['accuracy'])}  "
                                           f"loss {m['loss']:.4f}  rejected {m['rejected']}{extra}  "
                                           f"({m['seconds']:.1f}s)", highlight=False)
                 bar.advance(task)
@@ -86,7 +120,8 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
                 bar.stop()
                 console.print(f"[bold yellow]interrupted[/] after round {fedn.round}; run {run_id} is marked "
                               f"'interrupted'. Resume with: phalanx run {config} --db {db} --resume"
-                              + "".join(f" --set {s}" for s in set_ or []), highlight=False)
+                              + "".join(f" --set {s}" for s in set_ or [])
+                              + "".join(f" --plugin {p}" for p in plugins), highlight=False)
                 raise typer.Exit(130)
         summary(cfg, final, fedn.run_id, db)
     except PhalanxError as e:
@@ -123,7 +158,7 @@ def summary(cfg, final: dict, run_id: str, db: Path) -> None:
             ("byzantine", str(cfg.num_byzantine())), ("attack", cfg.attack.name or cfg.attack.poison or "none"),
             ("defense", " -> ".join(str(d) if isinstance(d, str) else next(iter(d)) for d in cfg.defense)),
             ("rounds", str(cfg.federation.rounds))]
-    rows += [(k, fmt(v)) for k, v in final.items()]
+    rows += [(k, metric(k, v) if is_fraction(k) else fmt(v)) for k, v in final.items()]
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
@@ -131,42 +166,99 @@ def summary(cfg, final: dict, run_id: str, db: Path) -> None:
 
 
 @app.command("list")
-def list_():
-    """What is registered: datasets, models, attacks, data poisons and defenses."""
+def list_(kind: Optional[str] = typer.Argument(None, metavar="[KIND]", help="only one kind: datasets, models, "
+                                              "attacks, poisons, layers, aggregators or post"),
+          plugin: Optional[List[str]] = plugin_option()):
+    """What a config can name: datasets, models, attacks and data poisons by family, defense stages by kind."""
     import phalanx  # noqa: F401
-    from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, POISONS
+    from .catalog import FOOTNOTE, KEYS, tables
 
-    for reg in (DATASETS, MODELS, ATTACKS, POISONS, DEFENSES):
-        t = Table(title=f"{reg.kind}s", title_justify="left")
-        t.add_column("name", style="bold")
-        t.add_column("parameters")
-        t.add_column("description")
-        for name, params, doc in reg.describe():
-            t.add_row(name, params, doc)
+    use_plugins(plugin)
+    if kind is not None and kind not in KEYS:
+        fail(f"list: KIND must be one of {', '.join(KEYS)}, got {kind!r}")
+    for t in tables(kind):
         console.print(t)
+        console.print()
+    console.print(FOOTNOTE, style="dim", highlight=False)
+
+
+def is_fraction(key: str) -> bool:
+    """Is this metric a fraction in [0, 1], shown as a percentage (accuracy, attack success, AUPRC, ...)?"""
+    return key == "accuracy" or key.startswith(("asr", "auprc", "roc_auc", "recall", "precision", "best_f1",
+                                                "det_precision", "det_recall", "quarantine_precision",
+                                                "quarantine_recall"))
+
+
+def metric(key: str, value) -> str:
+    """A metric for people: fractions as percentages (87.3%), other numbers to 3 significant digits."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if is_fraction(key):
+        return f"{100 * value:.1f}%"
+    return str(value) if isinstance(value, int) else f"{value:.3g}"
 
 
 @app.command()
-def show(db: Path = typer.Argument(..., help="SQLite results store")):
-    """The runs in a store with their final metrics."""
+def show(db: Path = typer.Argument(..., help="SQLite results store"),
+         plugin: Optional[List[str]] = plugin_option()):
+    """The runs in a store with their final metrics (accuracy and other rates in %)."""
     from .store import Store
 
+    use_plugins(plugin)
     if not db.is_file():
         fail(f"no results store at {db}")
     try:
         runs = Store(db).runs()
     except PhalanxError as e:
         fail(str(e))
-    t = Table(title=f"runs in {db}")
-    for col in ("run id", "name", "seed", "status", "started", "minutes", "accuracy", "other final metrics"):
-        t.add_column(col, no_wrap=col in ("run id", "name"))
+    console.print(runs_table(runs, f"{len(runs)} run(s) in {db}"))
+
+
+def runs_table(runs: list[dict], title: str) -> Table:
+    """Runs with their final metrics, readable at 80 columns: the other final metrics go under the name."""
+    from rich import box
+    from rich.text import Text
+
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    t.add_column("run", no_wrap=True)
+    t.add_column("name", overflow="fold", ratio=1, min_width=12)
+    t.add_column("seed", justify="right")
+    t.add_column("status")
+    t.add_column("started", no_wrap=True)
+    t.add_column("min", justify="right")
+    t.add_column("accuracy", justify="right")
     for r in runs:
-        started = dt.datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M")
-        minutes = f"{(r['ended'] - r['started']) / 60:.1f}" if r["ended"] else "-"
-        other = ", ".join(f"{k} {fmt(v, 3)}" for k, v in r["final"].items() if k not in ("accuracy", "loss"))
-        t.add_row(r["run_id"], r["name"], str(r["seed"]), r["status"], started, minutes,
-                  fmt(r["final"].get("accuracy")), other)
-    console.print(t)
+        started = dt.datetime.fromtimestamp(r["started"]).strftime("%m-%d %H:%M") if r["started"] else "-"
+        minutes = f"{(r['ended'] - r['started']) / 60:.1f}" if r["ended"] and r["started"] else "-"
+        final = r["final"]
+        other = [f"{k} {metric(k, v)}" for k, v in final.items() if k not in ("accuracy", "loss", "error")]
+        if final.get("error"):
+            other.append(f"error: {final['error']}")
+        cell = Text(r["name"] or "-")
+        if other:
+            cell.append("\n" + ", ".join(other), style="dim")
+        t.add_row(r["run_id"], cell, str(r["seed"]), r["status"], started, minutes,
+                  metric("accuracy", final.get("accuracy")))
+    return t
+
+
+@app.command()
+def export(db: Path = typer.Argument(..., help="SQLite results store"),
+           format: str = typer.Option("csv", "--format", help="csv or json"),
+           out: Path = typer.Option(Path("results/export"), help="folder for runs, rounds, clients and events files"),
+           plugin: Optional[List[str]] = plugin_option()):
+    """Write a store's runs, rounds, clients and events tables as CSV or JSON files."""
+    from .export import export_store
+
+    use_plugins(plugin)
+    try:
+        written = export_store(db, out, format)
+    except PhalanxError as e:
+        fail(str(e))
+    for table, (path, n) in written.items():
+        console.print(f"{table:8} {n:>8} rows  {path}", highlight=False)
 
 
 def _mount_subcommands() -> None:

@@ -196,6 +196,15 @@ def results_table(cases: list[Case], title: str = ""):
     return table
 
 
+def seed_progress(console):
+    """A progress bar over the audited seeds: seeds done, the seed at work, time spent and left."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[seed]}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                    console=console)
+
+
 app = typer.Typer(add_completion=False, invoke_without_command=True)
 
 
@@ -214,7 +223,10 @@ def invert(dataset: str = typer.Option("fashion-mnist", help="registered dataset
            local_steps: int = typer.Option(5, help="FedAvg local steps"),
            lr: float = typer.Option(0.1, help="FedAvg local learning rate"),
            adaptive: bool = typer.Option(False, help="against pruning, match only non-zero coordinates"),
-           out: Path = typer.Option(Path("runs/invert"), help="output folder")) -> None:
+           out: Path = typer.Option(Path("runs/invert"), help="output folder"),
+           plugin: list[str] = typer.Option(None, "--plugin", metavar="FILE_OR_MODULE",
+                                            help="import your own module first (a dataset or model of "
+                                            "yours; repeatable)")) -> None:
     """Reconstruct training images from a (defended) gradient and score the leakage."""
     from rich.console import Console
 
@@ -222,17 +234,22 @@ def invert(dataset: str = typer.Option("fashion-mnist", help="registered dataset
 
     console = Console()
     try:
+        from .plugins import command_line
+
+        command_line(plugin)
         spec = parse_defense(defense)
         seed_list = parse_seeds(seeds)
         if attack not in inv.ATTACK_NAMES:
             raise PhalanxError(f"invert: attack must be one of {', '.join(inv.ATTACK_NAMES)}, got {attack!r}")
         ds = load_dataset(dataset)
         cases = []
-        with console.status("inverting") as status:
+        with seed_progress(console) as bar:
+            task = bar.add_task(f"{attack}, defense {spec}", total=len(seed_list), seed="")
             for s in seed_list:
-                status.update(f"inverting seed {s} ({len(cases) + 1}/{len(seed_list)})")
+                bar.update(task, seed=f"seed {s}")
                 cases.append(audit_case(ds, model, attack, spec, batch_size, s, update, local_steps, lr,
                                         adaptive, steps=steps, restarts=restarts))
+                bar.advance(task)
     except PhalanxError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

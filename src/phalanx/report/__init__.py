@@ -1,7 +1,10 @@
-"""Reports of attack x defense grids: the comparative table (terminal, Markdown, HTML) and plots.
+"""Reports: the comparison of attack x defense grids (table in the terminal, Markdown, HTML, plots),
+and for stores of plain runs the runs with their accuracy curves and per-client panels.
 
 ``write_report(db, out)`` reads a results store written by ``phalanx bench`` and writes
-``report.html`` (self-contained) and ``report.md`` into ``out``.
+``report.html`` (self-contained) and ``report.md`` into ``out``; ``write_runs_report(db, out)``
+(in :mod:`phalanx.report.runs`) does the same for a store written by ``phalanx run``;
+``is_grid_store(db)`` tells the two apart.
 """
 
 from __future__ import annotations
@@ -56,6 +59,23 @@ def build(db: str | Path, grid: str | None = None) -> Report:
     return Report(res, summarize(res))
 
 
+def is_grid_store(db: str | Path) -> bool:
+    """Does the store at ``db`` hold grid results (written by ``phalanx bench``)?"""
+    import sqlite3
+
+    if not Path(db).is_file():
+        raise PhalanxError(f"db: expected a results store, got a missing file {db}")
+    try:
+        con = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
+        try:
+            row = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='bench_cells'").fetchone()
+            return row is not None and con.execute("SELECT 1 FROM bench_cells LIMIT 1").fetchone() is not None
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise PhalanxError(f"{db}: not a phalanx results store ({e})") from None
+
+
 def write_report(db: str | Path, out: str | Path, grid: str | None = None) -> Report:
     """Write ``report.html`` (figures inlined) and ``report.md`` into ``out``; return what was written."""
     from .html import render
@@ -76,5 +96,5 @@ def write_report(db: str | Path, out: str | Path, grid: str | None = None) -> Re
     return rep
 
 
-__all__ = ["THRESHOLDS", "Report", "Results", "Summary", "build", "load_results", "markdown", "summarize",
-           "terminal_table", "tick", "write_report"]
+__all__ = ["THRESHOLDS", "Report", "Results", "Summary", "build", "is_grid_store", "load_results", "markdown",
+           "summarize", "terminal_table", "tick", "write_report"]

@@ -73,6 +73,14 @@ def _colours(labels: list[str]) -> dict[str, tuple]:
     return {d: cmap(i % cmap.N) for i, d in enumerate(labels)}
 
 
+def line_styles(labels: list[str]) -> dict[str, dict]:
+    """A colour and a line style per label that stay distinguishable past ten lines: the ten tab10
+    colours solid, then the same colours dashed, dotted and dash-dotted."""
+    cmap = plt.get_cmap("tab10")
+    dashes = ("-", "--", ":", "-.")
+    return {lab: {"color": cmap(i % 10), "linestyle": dashes[(i // 10) % len(dashes)]} for i, lab in enumerate(labels)}
+
+
 def _scen(s) -> str:
     return f"{s[0]}, {s[1]}, byzantine {s[2]:g}"
 
