@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup data demo test clean
+.PHONY: setup data chromium demo test clean
 
 setup: $(STAMP) data
 
@@ -27,10 +27,19 @@ data:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
+# Headless Chromium for the report's screenshot check (scripts/screenshot_report.py), when missing.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+	  echo "chromium: present"; \
+	else \
+	  echo "chromium: installing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; \
+	fi
+
 demo: setup
 	$(BIN)/phalanx bench configs/grid_demo.yaml --db results/demo.db --out results/demo
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
 
 clean:
