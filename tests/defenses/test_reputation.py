@@ -138,6 +138,11 @@ def test_never_raises_with_few_active_rows_and_stands_down_beyond_f():
     _, w, report = rep(U, w_in, simple_round_context(U))
     assert report.reasons == {0: "quarantined"} and report.info["stood_down"] == ["c1"]
     assert int((w == 0).sum()) == 2 and float(w[1]) > 0
+    w_gone = torch.ones(5)
+    w_gone[[1, 4]] = 0.0  # c1's row and another already dropped: c1 is held at no cost, c0 stands down
+    _, w, report = rep(U, w_gone, simple_round_context(U))
+    assert report.reasons == {1: "quarantined"} and report.info["stood_down"] == ["c0"]
+    assert int((w == 0).sum()) == 2
     w_in[3] = 0.0  # two dropped: active rows 3 <= 2f, no room at all, and still no error
     _, w, report = rep(U, w_in, simple_round_context(U))
     assert report.reasons == {} and report.info["stood_down"] == ["c0", "c1"]

@@ -50,9 +50,10 @@ belong to an honest client; Yin et al. 2018's bound), or an aggregate that is ze
 
 Given ``f`` (the server's assumed Byzantine count; a pipeline passes it), at most f clients are
 quarantined at a time, the lowest-scored, and in a round at most f rows leave it counting the rows
-earlier layers dropped. The layer never aborts a round: when its quarantine would exceed f it
-quarantines fewer (the lowest-scored) and lets the rest through, listed in
-``report.info["stood_down"]``. In the pipeline the layer weights rows by reputation before
+earlier layers dropped (a quarantined client whose row they dropped costs nothing more). The
+layer never aborts a round, whatever the number of active rows: when its quarantine would take
+more than f rows out it quarantines fewer (the lowest-scored) and lets the rest through, listed
+in ``report.info["stood_down"]``. In the pipeline the layer weights rows by reputation before
 aggregation and learns from the aggregate after it, so it may be listed before or after the
 aggregator.
 """
@@ -132,11 +133,11 @@ class Reputation(Layer):
         held = [i for i, cid in enumerate(ctx.client_ids[:U.shape[0]]) if cid in self.quarantined]
         stood_down: list[str] = []
         if self.f is not None:  # with the rows earlier layers dropped, at most f leave the round
-            dropped = w <= 0
-            dropped[held] = False
-            room = max(0, self.f - int(dropped.sum()))
-            held = sorted(held, key=lambda i: (self.score(ctx.client_ids[i]), i))
-            held, stood_down = held[:room], sorted(ctx.client_ids[i] for i in held[room:])
+            gone = w <= 0
+            room = max(0, self.f - int(gone.sum()))
+            active = sorted((i for i in held if not gone[i]), key=lambda i: (self.score(ctx.client_ids[i]), i))
+            held = [i for i in held if gone[i]] + active[:room]
+            stood_down = sorted(ctx.client_ids[i] for i in active[room:])
         for i in held:
             w[i] = 0.0
             report.reject(i, "quarantined")
@@ -232,8 +233,9 @@ class Reputation(Layer):
     def state_dict(self) -> dict[str, Any]:
         """Everything the layer learns (copies, JSON-friendly): each client's reputation, who is
         quarantined, each client's reputation after every round it took part in, and its evidence
-        [alpha, beta]. The rest (decay, thresholds, agreement, prior weight, f) is configuration. A layer built afresh with the same
-        parameters and given this state continues exactly as the saved one would have."""
+        [alpha, beta]. The rest (decay, thresholds, agreement, prior weight, f) is configuration. A
+        layer built afresh with the same parameters and given this state continues exactly as the
+        saved one would have."""
         return {"scores": dict(self.scores), "quarantined": sorted(self.quarantined),
                 "history": {k: list(v) for k, v in self.history.items()},
                 "evidence": {k: list(v) for k, v in self.evidence.items()}}
