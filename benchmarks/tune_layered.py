@@ -57,10 +57,8 @@ CANDIDATES = {
     "mean": ["mean"],
     "current": ["validate", {"clip": {"max_norm": "auto"}}, "sign_filter", "nnm", "trimmed_mean", "reputation"],
     "tm": [*FRONT, "trimmed_mean"],
-    "sf+tm": [*FRONT, "sign_filter", "trimmed_mean"],
     "tm+rep": [*FRONT, "trimmed_mean", "reputation"],
     "sf+tm+rep": [*FRONT, "sign_filter", "trimmed_mean", "reputation"],
-    "median+rep": [*FRONT, "median", "reputation"],
     "bucket_tm+rep": [*FRONT, {"bucketing": {"s": 2, "aggregator": "trimmed_mean"}}, "reputation"],
 }
 
