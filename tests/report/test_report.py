@@ -132,3 +132,112 @@ def test_screenshot_in_headless_chromium(written, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert shutil.which("chromium") or Path("/usr/bin/chromium").exists()
+
+
+# ---------------------------------------------------------------- figures (issue 17)
+
+
+@pytest.fixture(scope="module")
+def drawn(db):
+    """Every figure of the report as a live matplotlib figure (title -> figure), before it is closed."""
+    from phalanx.report import plots
+    from phalanx.store import Store
+
+    figs, real = {}, plots._png
+
+    def keep(fig):
+        fig.canvas.draw()
+        figs[len(figs)] = fig
+        return real(fig)
+
+    rep = build(db)
+    plots._png = keep
+    try:
+        with Store(db) as store:
+            out = plots.all_figures(rep.results, rep.rows, store)
+    finally:
+        plots._png = real
+    return {f.key: figs[i] for i, f in enumerate([f for f in out if f.png is not None])}, out
+
+
+def test_heatmap_numbers_are_legible_and_the_colour_bar_is_in_percent(drawn):
+    from phalanx.report.plots import DPI
+
+    figs, _ = drawn
+    for key, fig in figs.items():
+        if not key.startswith("heatmap"):
+            continue
+        texts = [t for t in fig.axes[0].texts]
+        assert texts and all(t.get_fontsize() * DPI / 72 >= 9 for t in texts), key
+        assert all(t.get_text().endswith("%") for t in texts)
+        bar = fig.axes[1]
+        labels = [t.get_text() for t in bar.get_yticklabels() if t.get_text()]
+        assert labels and all(lab.endswith("%") for lab in labels), (key, labels)
+
+
+def test_heatmap_colours_are_the_ticks(drawn, db):
+    """A 33% ASR is 'partial' in the table; its heatmap cell is partial's colour, never held's."""
+    from phalanx.report.plots import TICK_COLOURS, cell_ticks
+    from phalanx.report.tables import Entry, Stat, Summary
+
+    scen = ("digits", "iid", 0.34)
+    e = Entry(scen, "trigger", Stat(0.9, 0, 0.9, 0.9, 1), Stat(0.9, 0, 0.9, 0.9, 1),
+              asr=Stat(0.33, 0, 0.33, 0.33, 1), tick=tick(0.33, kind="asr"))
+    s = Summary("mean", None, None, None, e, None, None, None, None, cells={(scen, "trigger"): e})
+    _, ticks, _ = cell_ticks([s], scen, ["trigger"], backdoor=True)
+    assert ticks == [["partial"]] and TICK_COLOURS["partial"] != TICK_COLOURS["held"]
+    figs, _ = drawn
+    rows = build_rows(figs)
+    rep = build(db)
+    kinds = ["broken", "partial", "held", None]
+    for key, (image, cells) in rows.items():  # each drawn cell holds the index of its own tick's colour
+        backdoor = key.startswith("heatmap-asr")
+        attacks = [a for a, f in rep.results.attacks.items() if (f == "backdoor") == backdoor]
+        _, want, _ = cell_ticks(rep.rows, rep.results.scenarios[0], attacks, backdoor)
+        assert image.tolist() == [[float(kinds.index(t)) for t in row] for row in want], key
+
+
+def build_rows(figs):
+    """heatmap key -> (the colour-index image, its non-empty cells)."""
+    out = {}
+    for key, fig in figs.items():
+        if key.startswith("heatmap"):
+            image = fig.axes[0].images[0].get_array()
+            out[key] = (image, [v for v in image.flatten().tolist() if v != 3.0])
+    return out
+
+
+def test_per_round_panels_have_labels_and_no_malicious_line_without_attackers(drawn):
+    figs, _ = drawn
+    for key in ("curves-accuracy", "curves-asr", "detection", "reputation", "dist-norm", "dist-cosine", "drift"):
+        fig = figs[key]
+        axes = [ax for ax in fig.axes if ax.get_visible()]
+        assert axes[0].get_ylabel(), key
+        for ax in axes:
+            assert [t.get_text() for t in ax.get_yticklabels() if t.get_text()], (key, ax.get_title())
+    for key in ("dist-norm", "dist-cosine"):
+        clean = next(ax for ax in figs[key].axes if ax.get_title() == "clean")
+        assert "malicious" not in [line.get_label() for line in clean.get_lines()]
+        sign = next(ax for ax in figs[key].axes if ax.get_title() == "sign")
+        assert "malicious" in [line.get_label() for line in sign.get_lines()]
+    styles = [(line.get_color(), line.get_linestyle()) for line in figs["curves-accuracy"].axes[0].get_lines()]
+    assert len(set(styles)) == len(styles)  # every defense has its own colour and line style
+
+
+def test_captions_do_not_repeat_titles_nor_name_a_fixed_setting(written):
+    page = written.html.read_text()
+    figures = re.findall(r"<figcaption><b>(.*?)\.</b> (.*?)</figcaption>", page)
+    assert len(figures) >= 8
+    for title, caption in figures:
+        assert not caption.lower().startswith(title.lower()[:20]), (title, caption)
+        assert title.lower() not in caption.lower(), (title, caption)
+    assert "LeNet, Fashion-MNIST" not in page and "Fashion-MNIST" not in page  # the audit ran on digits here
+    assert "iDLG (digits, batch 1" in page
+
+
+def test_single_seed_cells_have_no_ranges(written):
+    page = written.html.read_text()
+    md = written.markdown.read_text()
+    for text in (page, md):
+        assert not re.search(r"\[\d+(\.\d)?[-–]\d+(\.\d)?\]", text)
+    assert "min–max" not in page

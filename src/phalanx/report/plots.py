@@ -16,10 +16,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import (FuncFormatter, LogLocator, MaxNLocator, NullFormatter,  # noqa: E402
+                               PercentFormatter)
 
 from ..store import Store  # noqa: E402
-from .tables import Results, Summary  # noqa: E402
+from .tables import THRESHOLDS, Results, Summary  # noqa: E402
 
 NCOLS = 4
 
@@ -33,14 +34,21 @@ class Figure:
     note: str | None = None
 
 
+STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9,
+         "legend.fontsize": 9, "figure.titlesize": 10}  # at DPI 100: text of 12 px or more
+DPI = 100
+# The colours of the report's ticks (its table cells use pale versions of the same three).
+TICK_COLOURS = {"held": "#91cf60", "partial": "#fee08b", "broken": "#f46d43", None: "#d9d9d9"}
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
 
-def _panels(n: int, w: float = 3.4, h: float = 2.5):
+def _panels(n: int, w: float = 3.4, h: float = 2.6):
     cols = max(1, min(n, NCOLS))
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
@@ -49,7 +57,32 @@ def _panels(n: int, w: float = 3.4, h: float = 2.5):
         ax.set_visible(False)
     for ax in flat[:n]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds
+        ax.grid(alpha=0.3)
     return fig, flat[:n]
+
+
+def _ylabel(axes, label: str) -> None:
+    """The y-axis label on the first panel of each row of a panel grid."""
+    cols = max(1, min(len(axes), NCOLS))
+    for i, ax in enumerate(axes):
+        if i % cols == 0:
+            ax.set_ylabel(label)
+
+
+def _percent_axis(ax) -> None:
+    """A 0-100% y axis for rates stored as fractions."""
+    ax.set_ylim(-0.02, 1.02)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+
+
+def _scale(ax, values) -> None:
+    """Log scale with labelled ticks when positive values span more than a decade and a half, else linear."""
+    v = [x for x in values if x is not None and math.isfinite(x) and x > 0]
+    if v and max(v) / min(v) > 30:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _legend_and_layout(fig, axes) -> None:
@@ -61,10 +94,10 @@ def _legend_and_layout(fig, axes) -> None:
     if not seen:
         fig.tight_layout()
         return
-    ncol = min(len(seen), 8)
+    ncol = min(len(seen), 6)
     lines = math.ceil(len(seen) / ncol)
-    room = min(0.4, 0.25 * lines / fig.get_figheight() + 0.02)
-    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    room = min(0.45, 0.3 * lines / fig.get_figheight() + 0.03)
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=ncol, frameon=False)
     fig.tight_layout(rect=(0, room, 1, 1))
 
 
@@ -96,40 +129,92 @@ def _mean_series(runs, key: str) -> tuple[list[int], list[float]]:
     return [x + 1 for x in xs], [statistics.fmean(by_round[x]) for x in xs]
 
 
-def heatmap(res: Results, rows: list[Summary], scenario, metric: str) -> Figure:
-    """Defense x attack, coloured by final accuracy (non-backdoor attacks) or ASR (backdoors)."""
-    backdoor = metric == "asr"
-    attacks = [a for a, f in res.attacks.items() if (f == "backdoor") == backdoor]
-    key = f"heatmap-{metric}-{'-'.join(str(x) for x in scenario)}"
-    title = f"{'Attack success rate' if backdoor else 'Final accuracy'}: defense x attack"
-    cap = (f"{title} ({_scen(scenario)}), mean over seeds, in %. "
-           + ("Green: backdoor held off (low ASR)." if backdoor else
-              "Colour scale from the best cell (green) to 30 points below it (red)."))
-    if not attacks:
-        return Figure(key, title, cap, note="no backdoor attacks in this grid" if backdoor else "no attacks")
+def _seeds(res: Results) -> str:
+    n = len({r.seed for r in res.runs})
+    return "one seed" if n == 1 else f"mean over {n} seeds"
+
+
+def _score_name(rows: list[Summary], scenario) -> str:
+    """'AUPRC' where the scenario's cells score a binary (fraud) task, else 'accuracy'."""
+    for s in rows:
+        for (sc, _), e in s.cells.items():
+            if sc == scenario:
+                return "AUPRC" if getattr(e, "metric", "accuracy") == "auprc" else "accuracy"
+    return "accuracy"
+
+
+def cell_ticks(rows: list[Summary], scenario, attacks: list[str], backdoor: bool):
+    """(values [rows, attacks] with NaN where missing, the tick of each cell, the clean references seen):
+    a heatmap cell takes the colour of the same tick as the table's cell (``TICK_COLOURS``)."""
     import numpy as np
 
     M = np.full((len(rows), len(attacks)), np.nan)
+    ticks: list[list[str | None]] = [[None] * len(attacks) for _ in rows]
+    refs = set()
     for i, s in enumerate(rows):
         for j, a in enumerate(attacks):
             e = s.cells.get((scenario, a))
             stat = (e.asr if backdoor else e.acc) if e else None
             if stat:
                 M[i, j] = stat.mean
-    lo, hi = 0.0, 1.0
-    if not backdoor and not np.isnan(M).all():  # colour the band from 30 points below the best to the best
-        hi = float(np.nanmax(M))
-        lo = max(0.0, hi - 0.3)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(attacks), 0.9 + 0.42 * len(rows)))
-    im = ax.imshow(M, cmap="RdYlGn_r" if backdoor else "RdYlGn", vmin=lo, vmax=hi, aspect="auto")
-    ax.set_xticks(range(len(attacks)), attacks, rotation=35, ha="right")
+                ticks[i][j] = e.tick
+                if e.reference is not None:
+                    refs.add(round(e.reference, 9))
+    return M, ticks, refs
+
+
+def heatmap(res: Results, rows: list[Summary], scenario, metric: str) -> Figure:
+    """Defense x attack, each cell coloured by its tick (the table's thresholds), its value printed in %."""
+    import numpy as np
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.cm import ScalarMappable
+
+    backdoor = metric == "asr"
+    attacks = [a for a, f in res.attacks.items() if (f == "backdoor") == backdoor]
+    key = f"heatmap-{metric}-{'-'.join(str(x) for x in scenario)}"
+    score = _score_name(rows, scenario)
+    title = f"{'Attack success rate' if backdoor else 'Final ' + score}: defense x attack"
+    if backdoor:
+        cap = (f"{_scen(scenario)}; {_seeds(res)}. Colours are the table's ticks: green held off (ASR under "
+               f"{100 * THRESHOLDS['asr_held']:g}%), yellow partial (under {100 * THRESHOLDS['asr_partial']:g}%), "
+               "red broken.")
+    else:
+        cap = (f"{_scen(scenario)}; {_seeds(res)}. Colours are the table's ticks against the clean reference: "
+               f"green held (within {THRESHOLDS['accuracy_held']:g} points), yellow partial (within "
+               f"{THRESHOLDS['accuracy_partial']:g}), red broken; in the clean column, each defense's own clean "
+               "accuracy against the reference.")
+    if not attacks:
+        return Figure(key, title, cap, note="no backdoor attacks in this grid" if backdoor else "no attacks")
+    kinds = ["broken", "partial", "held", None]
+    M, ticks, refs = cell_ticks(rows, scenario, attacks, backdoor)
+    K = np.array([[float(kinds.index(t)) for t in row] for row in ticks])
+    colours = ListedColormap([TICK_COLOURS[k] for k in kinds])
+    fig, ax = plt.subplots(figsize=(2.2 + 1.0 * len(attacks), 1.1 + 0.45 * len(rows)))
+    ax.imshow(K, cmap=colours, vmin=-0.5, vmax=len(kinds) - 0.5, aspect="auto")
+    ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), [s.label for s in rows])
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
             if not np.isnan(M[i, j]):
-                ax.text(j, i, f"{100 * M[i, j]:.0f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, fraction=0.04)
-    ax.set_title(title, fontsize=10)
+                ax.text(j, i, f"{100 * M[i, j]:.1f}%", ha="center", va="center", fontsize=10)
+    # the key: the three ticks, with their bounds in % where one clean reference sets them
+    if backdoor:
+        bounds = [0.0, THRESHOLDS["asr_held"], THRESHOLDS["asr_partial"], 1.0]
+        bar_colours = [TICK_COLOURS["held"], TICK_COLOURS["partial"], TICK_COLOURS["broken"]]
+    elif len(refs) == 1:
+        ref = refs.pop()
+        lo, mid = ref - THRESHOLDS["accuracy_partial"] / 100, ref - THRESHOLDS["accuracy_held"] / 100
+        bounds = [max(0.0, lo - 0.1), lo, mid, min(1.0, max(ref, mid) + 0.02)]
+        bar_colours = [TICK_COLOURS["broken"], TICK_COLOURS["partial"], TICK_COLOURS["held"]]
+    else:  # each defense against its own clean run: no common bound to mark
+        bounds = None
+    if bounds is not None:
+        marks = bounds if backdoor else bounds[1:3]
+        bar = fig.colorbar(ScalarMappable(BoundaryNorm(bounds, 3), ListedColormap(bar_colours)), ax=ax,
+                           fraction=0.05, ticks=marks, format=PercentFormatter(1.0, decimals=0 if backdoor else 1))
+        bar.set_label("ASR" if backdoor else score, fontsize=9)
+    ax.set_title(f"{'Attack success rate' if backdoor else score.capitalize() if score == 'accuracy' else score} (%)")
+    fig.tight_layout()
     return Figure(key, title, cap, _png(fig))
 
 
@@ -138,30 +223,31 @@ def curves(res: Results, scenario, metric: str) -> Figure:
     backdoor = metric == "asr"
     attacks = [a for a, f in res.attacks.items() if not backdoor or f == "backdoor"]
     name = "Attack success rate" if backdoor else "Test accuracy"
-    cap = f"{name} per round, mean over seeds ({_scen(scenario)}); one panel per attack, one line per defense."
+    cap = f"{_scen(scenario)}; {_seeds(res)}. One panel per attack, one line per defense."
     if not attacks:
         return Figure(f"curves-{metric}", f"{name} per round", cap, note="no backdoor attacks in this grid")
-    colours = _colours(res.defenses)
+    styles = line_styles(res.defenses)
     fig, axes = _panels(len(attacks))
     for ax, a in zip(axes, attacks):
         for d in res.defenses:
             xs, ys = _mean_series(res.group(scenario, a, d), metric)
             if xs:
-                ax.plot(xs, ys, color=colours[d], label=d, lw=1.4)
-        ax.set_title(a, fontsize=9)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("round", fontsize=8)
+                ax.plot(xs, ys, label=d, lw=1.6, **styles[d])
+        ax.set_title(a)
+        _percent_axis(ax)
+        ax.set_xlabel("round")
+    _ylabel(axes, "attack success rate" if backdoor else "test accuracy")
     _legend_and_layout(fig, axes)
     return Figure(f"curves-{metric}", f"{name} per round", cap, _png(fig))
 
 
 def detection(res: Results, scenario) -> Figure:
     """Detection precision and recall per round, per defense, mean over the attacked cells."""
-    cap = ("Detection precision (rejected clients that were malicious) and recall (malicious clients "
-           f"rejected) per round, mean over attacked cells and seeds ({_scen(scenario)}). Defenses that "
-           "never reject have no precision line.")
+    cap = ("Precision: the share of rejected clients that were malicious; recall: the share of malicious clients "
+           f"rejected. Per round, over the attacked cells ({_scen(scenario)}; {_seeds(res)}). A defense that "
+           "never rejects has no precision line.")
     title = "Detection precision and recall"
-    colours = _colours(res.defenses)
+    styles = line_styles(res.defenses)
     fig, (p_ax, r_ax) = _panels(2, w=5, h=3.2)
     p_ax.sharex(r_ax)  # the same rounds on both (precision may have a single point)
     drawn = False
@@ -170,12 +256,13 @@ def detection(res: Results, scenario) -> Figure:
         for ax, key in ((p_ax, "det_precision"), (r_ax, "det_recall")):
             xs, ys = _mean_series(runs, key)
             if xs:
-                ax.plot(xs, ys, color=colours[d], label=d, lw=1.4, marker="o", ms=2.5)  # a lone point shows
+                ax.plot(xs, ys, label=d, lw=1.6, marker="o", ms=3, **styles[d])  # a lone point shows
                 drawn = True
     for ax, t in ((p_ax, "precision"), (r_ax, "recall")):
-        ax.set_title(t, fontsize=9)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("round", fontsize=8)
+        ax.set_title(t)
+        ax.set_ylabel(t)
+        _percent_axis(ax)
+        ax.set_xlabel("round")
     if not drawn:
         plt.close(fig)
         return Figure("detection", title, cap, note="no attacked cells with detection metrics")
@@ -197,7 +284,7 @@ def _first_run(res: Results, scenario, attack: str, defense: str):
 def reputation(res: Results, store: Store, scenario, cache: dict) -> Figure:
     """Mean reputation of honest and of malicious clients per round (the client rows' reputation_score)."""
     title = "Reputation over rounds"
-    cap = (f"Mean reputation of honest (blue) and malicious (red) clients per round, first seed "
+    cap = (f"Mean reputation score of the honest (blue) and the malicious (red) clients per round, first seed "
            f"({_scen(scenario)}); one panel per defense that keeps a reputation and per attack.")
     panels = []
     for d in res.defenses:
@@ -221,10 +308,13 @@ def reputation(res: Results, store: Store, scenario, cache: dict) -> Figure:
         for mal, colour, lab in ((False, "tab:blue", "honest"), (True, "tab:red", "malicious")):
             ys = [statistics.fmean(v) if (v := [s for c, s in per[x].items() if (c in bad) == mal]) else math.nan
                   for x in xs]
-            ax.plot([x + 1 for x in xs], ys, color=colour, label=lab, lw=1.4)
-        ax.set_title(f"{d} / {a}", fontsize=9)
+            if not all(math.isnan(y) for y in ys):  # no 'malicious' line where no attacker was scored
+                ax.plot([x + 1 for x in xs], ys, color=colour, label=lab, lw=1.6,
+                        linestyle="--" if mal else "-")
+        ax.set_title(f"{d} / {a}")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("round", fontsize=8)
+        ax.set_xlabel("round")
+    _ylabel(axes, "reputation score")
     _legend_and_layout(fig, axes)
     note = f"showing 12 of {len(panels)} panels" if len(panels) > 12 else None
     return Figure("reputation", title, cap, _png(fig), note)
@@ -235,8 +325,9 @@ def distribution(res: Results, store: Store, scenario, key: str, cache: dict) ->
     what = {"norm": "L2 norm of each update", "cosine": "cosine similarity of each update to the aggregate"}[key]
     d = res.baseline if res.baseline in res.defenses else (res.defenses[0] if res.defenses else None)
     title = f"Distribution of the {what}"
-    cap = (f"{what[0].upper() + what[1:]} per round: median line and 10-90% band, honest (blue) and malicious "
-           f"(red) clients apart, under defense '{d}', first seed ({_scen(scenario)}); one panel per attack.")
+    cap = (f"Per round, the median (line) and the 10-90% band over the honest clients (blue) and, under an "
+           f"attack, the malicious ones (red, dashed); defense '{d}', first seed ({_scen(scenario)}); one panel "
+           "per attack. Clean panels have no attackers.")
     runs = [(a, r) for a in res.attacks if d and (r := _first_run(res, scenario, a, d))]
     if not runs:
         return Figure(f"dist-{key}", title, cap, note="no runs")
@@ -245,10 +336,11 @@ def distribution(res: Results, store: Store, scenario, key: str, cache: dict) ->
     fig, axes = _panels(len(runs))
     for ax, (a, run) in zip(axes, runs):
         rows = [c for c in _client_rows(store, run.run_id, cache) if c.get(key) is not None]
+        attacked = run.family != "none"  # a clean cell's 'malicious' clients did nothing
         for mal, colour in ((False, "tab:blue"), (True, "tab:red")):
             by: dict[int, list[float]] = {}
             for c in rows:
-                if c["malicious"] == mal:
+                if (c["malicious"] and attacked) == mal:
                     by.setdefault(c["round"], []).append(c[key])
             if not by:
                 continue
@@ -256,11 +348,13 @@ def distribution(res: Results, store: Store, scenario, key: str, cache: dict) ->
             q = np.array([np.quantile(by[x], [0.1, 0.5, 0.9]) for x in xs])
             xs1 = [x + 1 for x in xs]
             ax.fill_between(xs1, q[:, 0], q[:, 2], color=colour, alpha=0.2, lw=0)
-            ax.plot(xs1, q[:, 1], color=colour, lw=1.4, label="malicious" if mal else "honest")
-        ax.set_title(a, fontsize=9)
-        ax.set_xlabel("round", fontsize=8)
+            ax.plot(xs1, q[:, 1], color=colour, lw=1.6, label="malicious" if mal else "honest",
+                    linestyle="--" if mal else "-")
+        ax.set_title(a)
+        ax.set_xlabel("round")
         if key == "norm":
-            ax.set_yscale("symlog", linthresh=1e-3)
+            _scale(ax, [c[key] for c in rows])
+    _ylabel(axes, "update L2 norm" if key == "norm" else "cosine with the aggregate")
     _legend_and_layout(fig, axes)
     return Figure(f"dist-{key}", title, cap, _png(fig))
 
@@ -268,30 +362,42 @@ def distribution(res: Results, store: Store, scenario, key: str, cache: dict) ->
 def drift(res: Results, scenario) -> Figure:
     """Distance of the global model from the previous round, per attack and defense."""
     title = "Global model drift"
-    cap = (f"L2 distance of the global model from the previous round (round metric 'drift'), mean over seeds "
-           f"({_scen(scenario)}); one panel per attack, one line per defense, log scale.")
+    cap = (f"How far each round's step moved the global model (L2 norm, round metric 'drift'); {_seeds(res)} "
+           f"({_scen(scenario)}); one panel per attack, one line per defense.")
     attacks = [a for a in res.attacks if any(r.attack == a and r.final("drift") is not None for r in res.runs)]
     if not attacks:
         return Figure("drift", title, cap, note="the runs stored no 'drift' metric")
-    colours = _colours(res.defenses)
+    styles = line_styles(res.defenses)
     fig, axes = _panels(len(attacks))
     for ax, a in zip(axes, attacks):
+        values = []
         for d in res.defenses:
             xs, ys = _mean_series(res.group(scenario, a, d), "drift")
             if xs:
-                ax.plot(xs, ys, color=colours[d], label=d, lw=1.4)
-        ax.set_title(a, fontsize=9)
-        ax.set_yscale("log")
-        ax.set_xlabel("round", fontsize=8)
+                ax.plot(xs, ys, label=d, lw=1.6, **styles[d])
+                values += ys
+        ax.set_title(a)
+        _scale(ax, values)
+        ax.set_xlabel("round")
+    _ylabel(axes, "L2 step of the model")
     _legend_and_layout(fig, axes)
     return Figure("drift", title, cap, _png(fig))
 
 
+def _audit(res: Results) -> tuple[str, str]:
+    """(attack, dataset) of the grid's leakage audit."""
+    p = getattr(res, "privacy_setting", None) or {}
+    return {"idlg": "iDLG", "dlg": "DLG", "ig": "Inverting Gradients"}.get(p.get("attack", "idlg"), "iDLG"), \
+        p.get("dataset", "fashion-mnist")
+
+
 def privacy_utility(res: Results, rows: list[Summary]) -> Figure:
-    """Median iDLG PSNR (leakage) against clean accuracy, one point per defense."""
+    """Median PSNR of the leakage audit against clean accuracy, one point per defense."""
+    attack, dataset = _audit(res)
     title = "Privacy-utility trade-off"
-    cap = ("Median PSNR of iDLG reconstructions from the update each defense lets through (lower: less "
-           "leakage) against the defense's final accuracy without attack (worst setting).")
+    cap = (f"Leakage: the median PSNR of {attack} reconstructions ({dataset} test images, batch 1) from the "
+           "update each defense lets through; lower means less leakage. Utility: the defense's final accuracy "
+           "without attack (its worst setting).")
     pts = [(s.defense, s.psnr, s.clean.acc.mean) for s in rows if s.psnr is not None and s.clean and s.clean.acc]
     if not pts:
         return Figure("privacy", title, cap, note="no leakage audit stored: add `privacy: {seeds: 3, steps: 200}` "
@@ -307,17 +413,22 @@ def privacy_utility(res: Results, rows: list[Summary]) -> Figure:
         while any(abs(ly - py) < dy and abs(x - px) < 4 * dx for px, py in placed):  # no overlapping labels
             ly += dy
         placed.append((x, ly))
-        ax.annotate(d, (x, 100 * y), xytext=(x + dx, ly), textcoords="data", fontsize=8, va="center",
+        ax.annotate(d, (x, 100 * y), xytext=(x + dx, ly), textcoords="data", va="center",
                     arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
     ax.set_xlim(min(xs) - 2 * dx, max(xs) + 10 * dx)
-    ax.set_xlabel("iDLG PSNR, dB (lower = more private)")
-    ax.set_ylabel("clean accuracy, %")
+    ax.set_xlabel(f"{attack} PSNR, dB (lower = more private)")
+    ax.set_ylabel("clean accuracy (%)")
     ax.grid(alpha=0.3)
     return Figure("privacy", title, cap, _png(fig))
 
 
 def all_figures(res: Results, rows: list[Summary], store: Store) -> list[Figure]:
     """Every figure of the report, in order."""
+    with plt.rc_context(STYLE):
+        return _all_figures(res, rows, store)
+
+
+def _all_figures(res: Results, rows: list[Summary], store: Store) -> list[Figure]:
     figs: list[Figure] = []
     for s in res.scenarios:
         figs += [heatmap(res, rows, s, "accuracy"), heatmap(res, rows, s, "asr")]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import PhalanxError
 from ..store import RunRecord, Store
-from .plots import Figure, _png, line_styles, plt
+from .plots import STYLE, Figure, _png, line_styles, plt
 
 MAX_CLIENT_PANELS = 12  # the newest runs get client panels; older ones are listed only
 
@@ -67,7 +67,7 @@ def curves(runs: list[RunRecord], key: str = "accuracy") -> Figure:
     ax.set_ylabel(f"{name.lower()} (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best", ncol=1 if len(drawn) <= 8 else 2)
+    ax.legend(fontsize=9, loc="best", ncol=1 if len(drawn) <= 8 else 2)
     fig.tight_layout()
     return Figure(f"runs-{key}", title, cap, _png(fig))
 
@@ -108,7 +108,7 @@ def client_panels(store: Store, run: RunRecord) -> Figure:
     ax_n.set_title("update norm per client", fontsize=10)
     ax_n.grid(alpha=0.3)
     handles = {lab: h for h, lab in zip(*ax_n.get_legend_handles_labels())}
-    ax_n.legend(handles.values(), handles.keys(), fontsize=8)
+    ax_n.legend(handles.values(), handles.keys(), fontsize=9)
     top = np.nanmax(np.where(np.isnan(weights), 0, weights), axis=0)
     share = np.where(weights > 0, weights / np.where(top > 0, top, 1), np.nan)  # accepted rows only
     rejected = np.where(weights == 0, 1.0, np.nan)
@@ -120,7 +120,7 @@ def client_panels(store: Store, run: RunRecord) -> Figure:
                 interpolation="nearest", extent=extent)
     if len(clients) <= 40:
         ax_w.set_yticks(range(len(clients)), [f"{c}{' *' if attacked and c in bad else ''}" for c in clients],
-                        fontsize=8)
+                        fontsize=9)
         for lab, c in zip(ax_w.get_yticklabels(), clients):
             if attacked and c in bad:
                 lab.set_color("tab:red")
@@ -128,7 +128,7 @@ def client_panels(store: Store, run: RunRecord) -> Figure:
     ax_w.set_ylabel("client")
     ax_w.set_title("weight given (red: rejected, grey: not sampled)", fontsize=10)
     bar = fig.colorbar(im, ax=ax_w, fraction=0.04, format=PercentFormatter(1.0))
-    bar.set_label("share of the round's largest weight", fontsize=8)
+    bar.set_label("share of the round's largest weight", fontsize=9)
     for ax in (ax_n, ax_w):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
@@ -178,11 +178,12 @@ def write_runs_report(db: str | Path, out: str | Path) -> RunsReport:
         runs = load_runs(store)
         if not runs:
             raise PhalanxError(f"{db}: no runs in this store yet; run `phalanx run CONFIG --db {db}` first")
-        figures = [curves(runs, "accuracy")]
-        if any(_series(r, "asr")[0] for r in runs):
-            figures.append(curves(runs, "asr"))
-        newest = runs[-MAX_CLIENT_PANELS:]
-        figures += [client_panels(store, r) for r in reversed(newest)]
+        with plt.rc_context(STYLE):
+            figures = [curves(runs, "accuracy")]
+            if any(_series(r, "asr")[0] for r in runs):
+                figures.append(curves(runs, "asr"))
+            newest = runs[-MAX_CLIENT_PANELS:]
+            figures += [client_panels(store, r) for r in reversed(newest)]
     finally:
         store.close()
     out = Path(out)
