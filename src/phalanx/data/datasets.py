@@ -20,7 +20,7 @@ import shutil
 import tarfile
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,12 @@ FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
 
 @dataclass
 class Dataset:
-    """A train/test split held in memory."""
+    """A train/test split held in memory.
+
+    Tabular datasets (``phalanx.data.tabular``) hold feature vectors [N, F] and may say which silo
+    (bank) each row belongs to: ``silo_train`` / ``silo_test`` (int64 [N], indices into ``silos``,
+    the silo names); image datasets leave them None.
+    """
 
     name: str
     x_train: torch.Tensor
@@ -69,6 +74,9 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     classes: tuple[str, ...]
+    silo_train: torch.Tensor | None = None
+    silo_test: torch.Tensor | None = None
+    silos: tuple[str, ...] = ()
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -81,14 +89,19 @@ class Dataset:
     def subset(self, train: int | None = None, test: int | None = None, seed: int = 0) -> "Dataset":
         """A smaller copy with ``train`` / ``test`` samples drawn without replacement."""
         g = torch.Generator().manual_seed(seed)
-        xt, yt, xs, ys = self.x_train, self.y_train, self.x_test, self.y_test
-        if train is not None and train < len(yt):
-            i = torch.randperm(len(yt), generator=g)[:train]
-            xt, yt = xt[i], yt[i]
-        if test is not None and test < len(ys):
-            i = torch.randperm(len(ys), generator=g)[:test]
-            xs, ys = xs[i], ys[i]
-        return Dataset(self.name, xt, yt, xs, ys, self.classes)
+        out = self
+        if train is not None and train < len(self.y_train):
+            out = out.take_train(torch.randperm(len(self.y_train), generator=g)[:train])
+        if test is not None and test < len(self.y_test):
+            i = torch.randperm(len(self.y_test), generator=g)[:test]
+            out = replace(out, x_test=out.x_test[i], y_test=out.y_test[i],
+                          silo_test=None if out.silo_test is None else out.silo_test[i])
+        return out
+
+    def take_train(self, index: torch.Tensor) -> "Dataset":
+        """A copy keeping only the training rows ``index`` (their silo ids too); the test set is shared."""
+        return replace(self, x_train=self.x_train[index], y_train=self.y_train[index],
+                       silo_train=None if self.silo_train is None else self.silo_train[index])
 
 
 # ---------------------------------------------------------------- files, checksums, download

@@ -1,4 +1,4 @@
-"""Split a labelled training set among clients: IID, Dirichlet(alpha) over labels, or shards.
+"""Split a labelled training set among clients: IID, Dirichlet(alpha) over labels, shards, or by silo.
 
 Every partitioner is seeded, places every sample with exactly one client, and leaves no client
 empty. Each returns a list of int64 index tensors, one per client.
@@ -73,7 +73,29 @@ def shards(labels: torch.Tensor, num_clients: int, seed: int, shards_per_client:
     return [torch.from_numpy(np.sort(np.concatenate([pieces[j] for j in row]))) for row in deal]
 
 
-PARTITIONERS = {"iid": iid, "dirichlet": dirichlet, "shards": shards}
+def silo(labels: torch.Tensor, num_clients: int, seed: int, silos: torch.Tensor | None = None,
+         names: tuple[str, ...] = ()) -> list[torch.Tensor]:
+    """Cross-silo: client k holds every row of silo k (``silos``: int64 [N], silo ids 0..S-1; ``names``
+    their names for errors). ``seed`` is unused: the data decides the split. num_clients must equal
+    the number of silos, and every silo must hold a row."""
+    if silos is None:
+        raise PhalanxError("partition 'silo': this dataset has no silo column (which bank holds each row); "
+                           "use a tabular dataset with data.silo, or partition iid / dirichlet")
+    s = np.asarray(silos)
+    if len(s) != len(labels):
+        raise PhalanxError(f"partition 'silo': {len(s)} silo ids for {len(labels)} rows")
+    count = len(names) if names else (int(s.max()) + 1 if len(s) else 0)
+    if num_clients != count:
+        raise PhalanxError(f"partition 'silo': federation.num_clients must equal the number of silos ({count}), "
+                           f"got {num_clients}")
+    sizes = np.bincount(s, minlength=count) if len(s) else np.zeros(count, dtype=int)
+    if (sizes == 0).any():
+        k = int(np.argmin(sizes))
+        raise PhalanxError(f"partition 'silo': silo {names[k] if names else k!r} has no training rows")
+    return [torch.from_numpy(np.nonzero(s == k)[0].astype(np.int64)) for k in range(count)]
+
+
+PARTITIONERS = {"iid": iid, "dirichlet": dirichlet, "shards": shards, "silo": silo}
 
 
 def partition(labels: torch.Tensor, num_clients: int, scheme: str = "iid", seed: int = 0,
