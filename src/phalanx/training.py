@@ -116,7 +116,7 @@ def local_momentum_update(model: nn.Module, global_params: torch.Tensor, x: torc
             if poison is not None:
                 xb, yb = poison(xb, yb, gen)
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
+            loss = getattr(model, "loss", F.cross_entropy)(model(xb), yb)  # a model may carry its own loss
             if objective is None:
                 loss.backward()
             else:
@@ -201,7 +201,7 @@ def vectorized_momentum_updates(model: nn.Module, global_params: torch.Tensor,
 
     def loss_fn(flat, xb, yb, mb):
         params = {n: t.view(s) for n, t, s in zip(names, flat.split(sizes), shapes)}
-        ce = F.cross_entropy(functional_call(model, params, (xb,)), yb, reduction="none")
+        ce = getattr(model, "loss", F.cross_entropy)(functional_call(model, params, (xb,)), yb, reduction="none")
         return (ce * mb).sum() / mb.sum().clamp_min(1.0)
 
     step_fn = vmap(grad_and_value(loss_fn))
