@@ -24,11 +24,11 @@ from .attacks.base import Attack
 from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .config import ExperimentConfig
 from .context import AttackContext, RoundContext
-from .data import Dataset, load_dataset, partition
+from .data import Dataset, load_configured, partition
 from .defenses.pipeline import build_defense
 from .defenses.validate import robust_z
 from .errors import ConfigError, PhalanxError
-from .metrics import client_stats, detection
+from .metrics import client_stats, detection, imbalance_metrics, positive_scores
 from .models import build_model
 from .registry import ATTACKS, POISONS
 from .training import (LocalSpec, evaluate, local_momentum_update, local_update, vectorized_momentum_updates,
@@ -72,7 +72,7 @@ class Federation:
     def __init__(self, cfg: ExperimentConfig, dataset: Dataset | None = None, hooks: Hooks | None = None):
         self.cfg = cfg
         fed = cfg.federation
-        ds = dataset or load_dataset(cfg.data.dataset)
+        ds = dataset or load_configured(cfg.data)
         if cfg.data.train_subset or cfg.data.test_subset:
             ds = ds.subset(cfg.data.train_subset, cfg.data.test_subset, seed=cfg.seed)
         self.server_x, self.server_y = ds.x_train[:0], ds.y_train[:0]
@@ -80,7 +80,7 @@ class Federation:
             perm = torch.from_numpy(np.random.default_rng([cfg.seed, 5]).permutation(len(ds.y_train)))
             keep, held = perm[fed.server_data:].sort().values, perm[:fed.server_data]
             self.server_x, self.server_y = ds.x_train[held], ds.y_train[held]
-            ds = Dataset(ds.name, ds.x_train[keep], ds.y_train[keep], ds.x_test, ds.y_test, ds.classes)
+            ds = ds.take_train(keep)
         self.data = ds
         self.parts = partition(ds.y_train, fed.num_clients, cfg.data.partition, seed=cfg.seed,
                                **self._partition_params())
@@ -133,6 +133,8 @@ class Federation:
 
     def _partition_params(self) -> dict[str, Any]:
         d = self.cfg.data
+        if d.partition == "silo":
+            return {"silos": self.data.silo_train, "names": self.data.silos}
         return {"dirichlet": {"alpha": d.alpha}, "shards": {"shards_per_client": d.shards_per_client}}.get(
             d.partition, {})
 
@@ -399,6 +401,12 @@ class Federation:
     def evaluate(self) -> dict[str, Any]:
         acc, loss = evaluate(self.model, self.params, self.data.x_test, self.data.y_test)
         out = {"accuracy": acc, "loss": loss}
+        if self.data.num_classes == 2:  # binary (fraud): accuracy says little at 0.2% positives
+            scores = positive_scores(self.model, self.params, self.data.x_test)
+            bad = ~torch.isfinite(scores)  # a diverged model ranks nothing: its NaN scores count as ties
+            out.update(imbalance_metrics(self.data.y_test, torch.where(bad, 0.5, scores)))
+            if bad.any():
+                out["nonfinite_scores"] = int(bad.sum())
         for ev in self.hooks.evaluators:
             out.update(ev(self.params))
         return out
