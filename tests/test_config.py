@@ -24,7 +24,7 @@ def test_wrong_type_and_range(tiny_config):
         parse_config(apply_overrides(tiny_config, ["federation.rounds=-2"]))
     with pytest.raises(ConfigError, match=r"federation.lr: .*number.*\(got 'fast'\)"):
         parse_config(apply_overrides(tiny_config, ["federation.lr=fast"]))
-    with pytest.raises(ConfigError, match="data.partition: .*'iid', 'dirichlet' or 'shards'"):
+    with pytest.raises(ConfigError, match="data.partition: .*'iid', 'dirichlet', 'shards' or 'silo'"):
         parse_config(apply_overrides(tiny_config, ["data.partition=noniid"]))
 
 
