@@ -56,7 +56,7 @@ class _Strict(BaseModel):
 
 
 class PartitionSpec(_Strict):
-    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    partition: Literal["iid", "dirichlet", "shards", "silo"] = "iid"
     alpha: float | None = Field(None, gt=0)
     shards_per_client: int | None = Field(None, ge=1)
 
@@ -102,6 +102,8 @@ class GridSpec(_Strict):
     workers: int = Field(1, ge=1)
     baseline: str | None = Field(None, description="defense label of the reference (default: [mean])")
     privacy: PrivacySpec | None = None
+    plugins: list[str] = Field(default_factory=list, description="your own modules (.py files relative to the grid "
+                               "file, or dotted names), imported before names resolve, in every worker too")
 
     @field_validator("defenses", mode="before")
     @classmethod
@@ -143,11 +145,16 @@ def _format(e: ValidationError) -> str:
     return "invalid grid: " + "; ".join(dict.fromkeys(out))
 
 
-def parse_grid(data: Any, name: str | None = None) -> GridSpec:
-    """A validated GridSpec from a mapping; unknown keys, bad labels and bad cells raise ConfigError."""
+def parse_grid(data: Any, name: str | None = None, base: str | Path | None = None,
+               plugins: list[str] | None = None) -> GridSpec:
+    """A validated GridSpec from a mapping; unknown keys, bad labels and bad cells raise ConfigError.
+
+    The grid's ``plugins`` (relative to ``base``), its base config's and ``plugins`` (from
+    ``--plugin``, relative to the current folder) are imported first and written, resolved, into
+    the base config, so that every cell's config (and every worker process) imports them too."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid grid: expected a mapping at the top level, got {type(data).__name__}")
-    data = dict(data)
+    data = _with_plugins(dict(data), base, plugins)
     if name and "name" not in data:
         data["name"] = name
     try:
@@ -168,9 +175,24 @@ def parse_grid(data: Any, name: str | None = None) -> GridSpec:
     return spec
 
 
-def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
-    """Read a grid YAML file and apply ``--set key.sub=value`` overrides."""
-    return parse_grid(apply_overrides(read_yaml(path, "grid"), overrides or []), name=Path(path).stem)
+def load_grid(path: str | Path, overrides: list[str] | None = None, plugins: list[str] | None = None) -> GridSpec:
+    """Read a grid YAML file and apply ``--set key.sub=value`` overrides; ``plugins`` join the grid's own."""
+    return parse_grid(apply_overrides(read_yaml(path, "grid"), overrides or []), name=Path(path).stem,
+                      base=Path(path).parent, plugins=plugins)
+
+
+def _with_plugins(data: dict, base: str | Path | None, extra: list[str] | None) -> dict:
+    from .config import with_plugins
+
+    cfg, own = data.get("base"), data.get("plugins", [])
+    inner = cfg.get("plugins", []) if isinstance(cfg, dict) else []
+    if not isinstance(own, list) or not isinstance(inner, list) or not (cfg is None or isinstance(cfg, dict)):
+        return data  # validation names the bad field
+    resolved = with_plugins({"plugins": [*own, *inner]}, base, extra)["plugins"]
+    if resolved:
+        data["plugins"] = resolved
+        data["base"] = {**(cfg or {}), "plugins": resolved}
+    return data
 
 
 # ---------------------------------------------------------------- expansion
@@ -191,9 +213,10 @@ class Cell:
 
 
 def cell_key(cfg) -> str:
-    """A stable hash of a resolved ExperimentConfig (its name and default-valued fields left out)."""
+    """A stable hash of a resolved ExperimentConfig (its name, plug-ins and default-valued fields left out)."""
     body = cfg.model_dump(mode="json", exclude_defaults=True)
     body.pop("name", None)
+    body.pop("plugins", None)  # where the user's modules live is not part of a cell's identity
     return "c" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, POISONS
@@ -23,17 +23,47 @@ class Strict(BaseModel):
 
 class DataConfig(Strict):
     dataset: str = "fashion-mnist"
-    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    partition: Literal["iid", "dirichlet", "shards", "silo"] = Field(
+        "iid", description="silo: one client per silo (bank) of a tabular dataset; num_clients = number of silos")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller: more skew)")
     shards_per_client: int = Field(2, ge=1)
     train_subset: int | None = Field(None, ge=1, description="use this many training samples")
     test_subset: int | None = Field(None, ge=1, description="evaluate on this many test samples")
+    # dataset 'tabular': the user's own CSV / Parquet file (phalanx.data.tabular)
+    path: str | None = Field(None, description="tabular: the .csv or .parquet file")
+    label: str | None = Field(None, description="tabular: the binary label column (1 / True = fraud)")
+    positive: Union[StrictInt, StrictBool, str, None] = Field(
+        None, description="tabular: the label value of the positive class, when it is not 1 / True")
+    silo: str | None = Field(None, description="tabular: the column naming each row's silo (bank)")
+    features: list[str] | None = Field(None, description="tabular: feature columns (default: all others)")
+    categorical: list[str] = Field(default_factory=list, description="tabular: columns to one-hot encode")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="tabular: test share of each (silo, label) group")
+    params: dict[str, Any] = Field(default_factory=dict, description="parameters of a built-in dataset's "
+                                   "factory (fraud-synth: banks, seed, ...)")
 
     @field_validator("dataset")
     @classmethod
     def _known(cls, v: str) -> str:
         DATASETS.get(v)
         return v
+
+    @model_validator(mode="after")
+    def _tabular(self):
+        fields = ("path", "label", "positive", "silo", "features")
+        if self.dataset == "tabular":
+            missing = [f for f in ("path", "label") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"dataset 'tabular' needs {' and '.join(missing)} (the file and its label column)")
+            if self.params:
+                raise ValueError("dataset 'tabular' takes its settings from path, label, silo, features, "
+                                 f"categorical, positive and test_fraction, not params (got {sorted(self.params)})")
+            if self.partition == "silo" and self.silo is None:
+                raise ValueError("partition 'silo' needs the silo column: set data.silo")
+        else:
+            given = [f for f in fields if getattr(self, f) is not None] + (["categorical"] if self.categorical else [])
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for dataset 'tabular', got dataset {self.dataset!r}")
+        return self
 
 
 class ModelConfig(Strict):
@@ -161,6 +191,9 @@ class ExperimentConfig(Strict):
         "every f-parametrised stage: a count, a fraction < 1 of the round's clients, or 'auto' = "
         "floor((n - 3) / 4), the largest f that every rule accepts (Bulyan needs n >= 4f + 3). Never the "
         "attack's true count.")
+    plugins: list[str] = Field(
+        default_factory=list, description="your own modules, imported before any name is resolved: .py files "
+        "(relative to this file's folder) or dotted module names (see phalanx.plugins)")
 
     @field_validator("defense_f")
     @classmethod
@@ -240,9 +273,12 @@ def _format(e: ValidationError) -> str:
     return "invalid config: " + "; ".join(dict.fromkeys(lines))
 
 
-def parse_config(data: dict[str, Any]) -> ExperimentConfig:
+def parse_config(data: dict[str, Any], base: str | Path | None = None) -> ExperimentConfig:
+    """A validated ExperimentConfig from a mapping. Its ``plugins`` (and the installed entry points)
+    are imported first, so their names resolve; relative plug-in paths are taken from ``base``."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config: expected a mapping at the top level, got {type(data).__name__}")
+    data = with_plugins(data, base)
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
@@ -282,7 +318,24 @@ def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment (or the defaults when path is None) and apply overrides."""
+def with_plugins(data: dict[str, Any], base: str | Path | None = None, extra: list[str] | None = None
+                 ) -> dict[str, Any]:
+    """Import the plug-ins a raw config names (``plugins``, relative to ``base``) and ``extra`` ones
+    (relative to the current folder); the config with every plug-in resolved, in ``plugins``."""
+    from .plugins import activate
+
+    listed = data.get("plugins", [])
+    if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+        activate([])  # entry points only; validation reports the bad field
+        return data
+    resolved = list(dict.fromkeys([*activate(listed, base), *activate(extra)]))
+    return {**data, "plugins": resolved} if resolved or "plugins" in data else data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                plugins: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment (or the defaults when path is None) and apply overrides; ``plugins``
+    (from ``--plugin``, relative to the current folder) join the config's own."""
     data = read_yaml(path) if path is not None else {}
-    return parse_config(apply_overrides(data, overrides or []))
+    base = Path(path).parent if path is not None else None
+    return parse_config(with_plugins(apply_overrides(data, overrides or []), base, plugins), base)

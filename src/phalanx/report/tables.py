@@ -90,8 +90,15 @@ class Results:
     baseline: str | None
     privacy: dict[str, list[float]] = field(default_factory=dict)  # defense -> PSNR per seed
     privacy_rules: dict[str, list] = field(default_factory=dict)
+    privacy_setting: dict = field(default_factory=dict)  # the grid's leakage audit: attack, dataset, steps, seeds
     failed: list[CellRun] = field(default_factory=list)  # cells whose run raised an error
     missing: int = 0  # cells in the layout with no run yet
+    scores: dict[tuple, str] = field(default_factory=dict)  # scenario -> 'auprc' for binary (fraud) tasks
+
+    def metric(self, scenario) -> str:
+        """The score ticked in ``scenario``: 'auprc' where its runs are binary, imbalanced tasks (they
+        record AUPRC), else 'accuracy'."""
+        return self.scores.get(scenario, "accuracy")
 
     def group_failed(self, scenario, attack: str, defense: str) -> list[CellRun]:
         return [r for r in self.failed if r.scenario == scenario and r.attack == attack and r.defense == defense]
@@ -156,6 +163,8 @@ def load_results(store: Store, grid: str | None = None) -> Results:
     baseline = spec.get("baseline") or next(
         (k for k, d in spec.get("defenses", {}).items() if d.get("stages") == ["mean"]), None)
     res = Results(str(store.path), runs, attacks, defenses, scenarios, baseline, failed=failed, missing=missing)
+    res.privacy_setting = spec.get("privacy") or {}
+    res.scores = {r.scenario: "auprc" for r in runs if r.final("auprc") is not None}
     if _has_table(store, "bench_privacy"):
         q = ("SELECT m.defense, p.psnr, p.rule FROM bench_privacy_map m JOIN bench_privacy p ON p.probe = m.probe "
              "WHERE m.grid=? ORDER BY m.seed")
@@ -197,6 +206,7 @@ class Entry:
     reference: float | None = None
     tick: str | None = None
     failed: list[str] = field(default_factory=list)  # the error of each seed whose run failed
+    metric: str = "accuracy"  # what acc/peak/reference hold: 'accuracy', or 'auprc' for fraud tasks
 
 
 @dataclass
@@ -221,10 +231,12 @@ class Summary:
 
 
 def reference(res: Results, scenario, defense: str) -> float | None:
-    """Clean accuracy in ``scenario``: the baseline's without attack, else the defense's own."""
+    """Clean accuracy (AUPRC for a fraud task) in ``scenario``: the baseline's without attack, else the
+    defense's own."""
+    key = res.metric(scenario)
     for d in (res.baseline, defense):
         for a in res.clean_labels():
-            s = Stat.of(r.final("accuracy") for r in res.group(scenario, a, d)) if d else None
+            s = Stat.of(r.final(key) for r in res.group(scenario, a, d)) if d else None
             if s:
                 return s.mean
     return None
@@ -235,9 +247,9 @@ def entry(res: Results, scenario, attack: str, defense: str) -> Entry | None:
     runs, bad = res.group(scenario, attack, defense), res.group_failed(scenario, attack, defense)
     if not runs and not bad:
         return None
-    zeros = [0.0] * len(bad)
-    e = Entry(scenario, attack, Stat.of([r.final("accuracy") for r in runs] + zeros),
-              Stat.of([r.peak("accuracy") for r in runs] + zeros), failed=[r.error for r in bad])
+    zeros, key = [0.0] * len(bad), res.metric(scenario)
+    e = Entry(scenario, attack, Stat.of([r.final(key) for r in runs] + zeros),
+              Stat.of([r.peak(key) for r in runs] + zeros), failed=[r.error for r in bad], metric=key)
     if res.attacks.get(attack) == "backdoor":
         e.asr = Stat.of(r.final("asr") for r in runs)
         e.tick = tick(e.asr.mean if e.asr else None, kind="asr")
@@ -291,6 +303,11 @@ def _pm(s: Stat) -> str:
     return f" ±{_pts(s.std)}" if s.n > 1 else ""
 
 
+def _range(s: Stat) -> str:
+    """' [min–max]' over seeds (nothing for a single seed)."""
+    return f" [{_pts(s.lo)}–{_pts(s.hi)}]" if s.n > 1 else ""
+
+
 def _where(res: Results, e: Entry, show_attack: bool = True) -> str:
     parts = [e.attack] if show_attack else []
     if len(res.scenarios) > 1:
@@ -307,13 +324,14 @@ def fmt_accuracy(res: Results, e: Entry | None, show_attack: bool = True, symbol
     if e is None or e.acc is None:
         return "-"
     s = f"{SYMBOLS[e.tick]} " if symbol else ""
+    s += "AUPRC " if e.metric == "auprc" else ""
     return f"{s}{_pts(e.acc.mean)}{_pm(e.acc)}, peak {_pts(e.peak.mean)}{_failed(e)}{_where(res, e, show_attack)}"
 
 
 def fmt_backdoor(res: Results, e: Entry | None, show_attack: bool = True) -> str:
     if e is None or e.asr is None:
         return "-"
-    acc = f", acc {_pts(e.acc.mean)}" if e.acc else ""
+    acc = f", {'AUPRC' if e.metric == 'auprc' else 'acc'} {_pts(e.acc.mean)}" if e.acc else ""
     return f"{SYMBOLS[e.tick]} ASR {_pts(e.asr.mean)}%{_pm(e.asr)}{acc}{_where(res, e, show_attack)}"
 
 
@@ -347,11 +365,12 @@ def detail(res: Results, rows: list[Summary], scenario) -> tuple[list[str], list
             if e is None:
                 t_row.append("-")
             elif e.asr is not None:
-                t_row.append(f"{SYMBOLS[e.tick]} ASR {_pts(e.asr.mean)}% [{_pts(e.asr.lo)}-{_pts(e.asr.hi)}], "
-                             f"acc {_pts(e.acc.mean) if e.acc else '-'}")
+                t_row.append(f"{SYMBOLS[e.tick]} ASR {_pts(e.asr.mean)}%{_range(e.asr)}, "
+                             f"{'AUPRC' if e.metric == 'auprc' else 'acc'} {_pts(e.acc.mean) if e.acc else '-'}")
             elif e.acc is not None:
                 sym = f"{SYMBOLS[e.tick]} " if res.attacks[a] != "none" else ""
-                t_row.append(f"{sym}{_pts(e.acc.mean)}{_pm(e.acc)} [{_pts(e.acc.lo)}-{_pts(e.acc.hi)}] "
+                sym += "AUPRC " if e.metric == "auprc" else ""
+                t_row.append(f"{sym}{_pts(e.acc.mean)}{_pm(e.acc)}{_range(e.acc)} "
                              f"peak {_pts(e.peak.mean)}{_failed(e)}")
             else:
                 t_row.append("-")
@@ -385,10 +404,21 @@ def legend(res: Results) -> str:
             f"◐ partial < {100 * THRESHOLDS['asr_partial']:g}%, "
             f"✗ broken otherwise, with the main accuracy beside it. Overhead: aggregation time per round "
             f"(median over the defense's cells) and its ratio to '{res.baseline or '-'}'. Privacy: median PSNR "
-            f"of iDLG reconstructions (LeNet, batch 1, Fashion-MNIST) from the single update the defense lets "
+            f"of {_audit_name(res)} reconstructions from the single update the defense lets "
             f"through; lower means less leakage; ε: the differential-privacy budget spent (δ as configured), "
             f"where a DP mechanism tracks it. (f=k) after a defense: the number of Byzantine clients its "
-            f"f-parametrised stages assumed, the server's own guess (defense_f), not the attack's true count.")
+            f"f-parametrised stages assumed, the server's own guess (defense_f), not the attack's true count."
+            + (" Binary, imbalanced (fraud) tasks show and tick AUPRC (average precision, in %) instead of "
+               "accuracy, against the clean run's AUPRC with the same point thresholds; their backdoor ASR is "
+               "the share of flagged test frauds that the trigger makes pass as legitimate."
+               if "auprc" in res.scores.values() else ""))
+
+
+def _audit_name(res: Results) -> str:
+    """'iDLG (LeNet, batch 1, digits)': the leakage audit's attack and its setting, as the grid ran it."""
+    p = res.privacy_setting
+    attack = {"idlg": "iDLG", "dlg": "DLG", "ig": "Inverting Gradients"}.get(p.get("attack", "idlg"), "iDLG")
+    return f"{attack} ({p.get('dataset', 'fashion-mnist')}, batch 1, the audit's sigmoid LeNet)"
 
 
 def markdown_table(cols: list[str], rows: list[list[str]]) -> str:
