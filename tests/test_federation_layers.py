@@ -46,6 +46,7 @@ def test_reputation_in_a_run_quarantines_attackers(tiny_config):
     tiny_config["federation"].update(rounds=6, num_clients=10)
     tiny_config["attack"] = {"name": "sign_flip", "byzantine": 2}
     tiny_config["defense"] = ["validate", "median", "reputation"]  # reputation may follow the aggregator
+    tiny_config["defense_f"] = 2  # auto would assume floor((10 - 3) / 4) = 1: at most one quarantined
     fed = Federation(parse_config(tiny_config))
     final = fed.run()
     assert final["quarantined_attackers"] == 2 and final["rounds_to_quarantine"] <= 3

@@ -338,9 +338,8 @@ class Federation:
         metrics["seconds"] = time.perf_counter() - t0
         finite = torch.isfinite(U).all(1)
         norms, cos = client_stats(torch.where(finite[:, None], U, torch.zeros_like(U)), g)
-        for i, c in enumerate(chosen):
-            if "quarantined" in str(report.reasons.get(i, "")):
-                self.first_quarantine.setdefault(self.client_ids[c], rnd)
+        for cid in self.quarantined() or ():  # held by a stage, whichever stage's reason the row shows
+            self.first_quarantine.setdefault(cid, rnd)
         metrics.update(self.quarantine_metrics())
         clients = [{"client_id": self.client_ids[c], "malicious": bool(mal[i]),
                     "norm": float(norms[i]) if finite[i] else None, "cosine": float(cos[i]) if finite[i] else None,
@@ -360,13 +359,18 @@ class Federation:
             return set()
         return {cid for cid, m in zip(self.client_ids, self.malicious.tolist()) if m}
 
+    def quarantined(self) -> set[str] | None:
+        """The client ids some stage holds in quarantine now (None: no stage quarantines)."""
+        sets = [q for s in self.defense.stages if isinstance(q := getattr(s, "quarantined", None), set)]
+        return set().union(*sets) if sets else None
+
     def quarantine_metrics(self) -> dict[str, Any]:
         """Precision and recall of the server's quarantine (every stage's ``quarantined`` id set, over
         all clients, after this round) as a detector of the attackers; empty without such a stage."""
-        sets = [q for s in self.defense.stages if isinstance(q := getattr(s, "quarantined", None), set)]
-        if not sets:
+        held = self.quarantined()
+        if held is None:
             return {}
-        held, bad = set().union(*sets), self.attackers()
+        bad = self.attackers()
         tp = len(held & bad)
         return {"quarantined": len(held), "honest_quarantined": len(held - bad),
                 "quarantine_precision": tp / len(held) if held else None,

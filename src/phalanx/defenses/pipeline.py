@@ -101,11 +101,16 @@ class Pipeline(Aggregator):
         summary.selected = ~torch.stack([dup, *discarded]).any(0)
         for layer, U_in, w_in, own in seen:  # feedback: stateful layers learn from the aggregate
             rejected = dup.clone()
+            why: dict[int, list[str]] = {int(r): ["pipeline:duplicate_client"] for r in duplicates}
             for k, rep in enumerate(reports):
                 if k != own:
-                    for row in rep.reasons:
+                    for row, reason in rep.reasons.items():
                         rejected[row] = True
-            layer.observe(U_in, w_in, g, ctx, rejected)
+                        why.setdefault(row, []).append(f"{rep.name}:{reason}")
+            if "reasons" in inspect.signature(layer.observe).parameters:  # why others rejected each row
+                layer.observe(U_in, w_in, g, ctx, rejected, reasons=why)
+            else:
+                layer.observe(U_in, w_in, g, ctx, rejected)
         return g, summary
 
     def state_dict(self) -> dict[str, Any]:
