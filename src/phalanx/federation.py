@@ -102,13 +102,17 @@ class Federation:
                 split = getattr(self.poison, "for_client", None)
                 self.poisons[c] = split(j, nbyz) if split else self.poison
         self.server_f = cfg.server_f()  # the server's own guess, never the attack's true count
+        # the clients' side: each client's own signing key, used only where a client acts (run_round
+        # signs each row as its client sends it); the server's registry holds the public keys only
         self.signers: dict[str, Any] = {}
         inject: dict[str, Any] = {}
-        if fed.signing:  # every client gets an ECDSA key; rows are signed as clients would
+        if fed.signing:
             from .defenses.signing import ClientSigner, KeyRegistry
 
+            self.signers = {cid: ClientSigner.generate(cid) for cid in self.client_ids}
             registry = KeyRegistry()
-            self.signers = {cid: ClientSigner(cid, registry.generate(cid)) for cid in self.client_ids}
+            for cid, signer in self.signers.items():
+                registry.add(cid, signer.public_key)
             inject = {"registry": registry, "run_id": cfg.name}
         inject["sample_rate"] = (fed.clients_per_round or fed.num_clients) / fed.num_clients  # central DP's q
         self.defense = build_defense(cfg.defense, f=self.server_f, **inject)
@@ -303,11 +307,19 @@ class Federation:
         if attacking:
             U = self.apply_attack(U, mal, rnd, chosen)
         ctx = self.round_context(rnd, chosen)
-        if self.signers:
+        if self.signers:  # each client signs the row it sends with its own key (an attacker its crafted row)
             t_sign = time.perf_counter()
-            ctx.extras["envelopes"] = [self.signers[cid].sign(U[i], self.cfg.name, rnd)
-                                       for i, cid in enumerate(ctx.client_ids)]
+            envelopes = [self.signers[cid].sign(U[i], self.cfg.name, rnd) for i, cid in enumerate(ctx.client_ids)]
             sign_seconds = time.perf_counter() - t_sign
+            tamper = getattr(self.attack, "tamper_envelopes", None)
+            if attacking and tamper is not None and bool(mal.any()):  # forged, replayed, impersonated
+                from .attacks.envelopes import EnvelopeContext
+
+                gen = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, rnd, 23]).integers(2**62)))
+                own = {cid: self.signers[cid] for cid, m in zip(ctx.client_ids, mal.tolist()) if m}
+                U, envelopes = tamper(U, envelopes, EnvelopeContext(rnd, self.cfg.name, list(ctx.client_ids), mal.clone(),
+                                                                    own, self.attack_history, gen))
+            ctx.extras["envelopes"] = envelopes
         for hook in self.hooks.before_aggregate:
             hook(U, ctx)
         w = ctx.num_samples.clone() if self.cfg.federation.weighting == "samples" else torch.ones(len(chosen))

@@ -237,8 +237,13 @@ def test_state_dict_keeps_nonces_so_a_resume_blocks_replays(world):
         assert set(rep.reasons.values()) == {"replayed_nonce"} and not w.any()
     fresh = Verify(reg, RUN, max_round_lag=1)  # control: without the state the replay would pass
     assert not _run(fresh, U, envs, HONEST)[2].reasons
-    with pytest.raises(PhalanxError, match="state is for run_id 'run-1', expected .* 'other'"):
-        Verify(reg, "other").load_state_dict(state)
+    other = Verify(reg, "other")  # a restored state resumes its own run
+    other.load_state_dict(state)
+    assert other.run_id == RUN and set(_run(other, U, envs, HONEST)[2].reasons.values()) == {"replayed_nonce"}
+    other.bind_run("run-2")  # another run: its envelopes count, the old run's are wrong_run
+    assert set(_run(other, U, envs, HONEST)[2].reasons.values()) == {"wrong_run"}
+    with pytest.raises(PhalanxError, match="state run_id must be a non-empty string"):
+        resumed.load_state_dict({**state, "run_id": ""})
     with pytest.raises(PhalanxError, match="state must have keys"):
         resumed.load_state_dict({"nonce": []})
     resumed.load_state_dict({})  # an empty state (a fresh pipeline slot) is a no-op
@@ -402,3 +407,72 @@ def test_resume_from_state_dict_into_a_fresh_layer_blocks_a_replay_in_the_next_r
     Verify(reg, RUN, max_round_lag=2).load_state_dict(old)
     with pytest.raises(PhalanxError, match="verify: state counted must map client id -> round"):
         Verify(reg, RUN).load_state_dict({**before.state_dict(), "counted": [1, 2]})
+
+
+# --------------------------------------------------------------- in the simulator: clients sign
+def _sim(cfg, attack, defense, rounds=2, store=None):
+    from phalanx.config import parse_config
+    from phalanx.federation import Federation
+
+    cfg["federation"].update(signing=True, rounds=rounds, num_clients=6)
+    cfg["attack"] = {**attack, "byzantine": 2}
+    cfg["defense"] = defense
+    f = Federation(parse_config(cfg))
+    return f, f.run(store)
+
+
+def test_the_server_holds_public_keys_only_and_each_client_signs_its_own_row(tiny_config):
+    from phalanx.config import parse_config
+    from phalanx.federation import Federation
+
+    tiny_config["federation"]["signing"] = True
+    tiny_config["defense"] = ["verify", "mean"]
+    fed = Federation(parse_config(tiny_config))
+    verify = fed.defense.layers[0]
+    assert isinstance(verify, Verify) and len(verify.registry) == 6
+    for cid, signer in fed.signers.items():  # the registry's key is the client's public half
+        assert verify.registry.get(cid).public_key.public_numbers() == signer.public_key.public_numbers()
+    reg_state = vars(verify.registry)
+    assert not any(isinstance(v, ec.EllipticCurvePrivateKey) for v in reg_state.values())
+    assert all(not hasattr(r, "private_key") for r in verify.registry.list())
+
+
+@pytest.mark.parametrize("attack,reason,first", [
+    ({"name": "forge_signature"}, "bad_signature", 0),
+    ({"name": "forge_signature", "params": {"mode": "tampered"}}, "digest_mismatch", 0),
+    ({"name": "impersonate"}, "impersonation", 0),
+    # an eavesdropper's replay needs a capture first: in round 0 the attackers' rows are validly signed
+    ({"name": "replay", "params": {"source": "honest"}}, "impersonation", 1),
+])
+def test_envelope_attacks_are_named_in_a_config_and_caught_by_verify(tiny_config, tmp_path, attack, reason, first):
+    from phalanx.store import Store
+
+    store = Store(tmp_path / "r.db")
+    fed, final = _sim(tiny_config, attack, ["verify", "mean"], rounds=3, store=store)
+    bad = {c for c, m in zip(fed.client_ids, fed.malicious.tolist()) if m}
+    flagged = {(r["round"], r["client_id"]): r["flags"] for r in store.client_rows(fed.run_id) if r["flags"]}
+    # every attacker row of every round was rejected with the attack's reason, nobody else's
+    assert flagged == {(rnd, c): [f"verify:{reason}"] for c in bad for rnd in range(first, 3)}
+    if not first:
+        _, plain = _sim(tiny_config, {**attack}, ["mean"], rounds=3)
+        assert final["accuracy"] > plain["accuracy"] + 0.2  # without verify the poisoned rows land
+
+
+def test_replay_of_an_own_earlier_row_is_stale_after_its_first_round(tiny_config, tmp_path):
+    from phalanx.store import Store
+
+    tiny_config["federation"].update(signing=True, rounds=3, num_clients=6)
+    tiny_config["attack"] = {"name": "replay", "byzantine": 2}
+    tiny_config["defense"] = ["verify", "mean"]
+    from phalanx.config import parse_config
+    from phalanx.federation import Federation
+
+    fed = Federation(parse_config(tiny_config))
+    store = Store(tmp_path / "r.db")
+    fed.run(store)
+    rows = store.client_rows(fed.run_id)
+    bad = {c for c, m in zip(fed.client_ids, fed.malicious.tolist()) if m}
+    flags = {(r["round"], r["client_id"]): r["flags"] for r in rows if r["client_id"] in bad}
+    for cid in bad:  # first round: its poisoned row validly signed (a Byzantine key holder passes verify)
+        assert flags[(0, cid)] == [] and flags[(1, cid)] == flags[(2, cid)] == ["verify:stale_round"]
+    assert all(not r["flags"] for r in rows if r["client_id"] not in bad)

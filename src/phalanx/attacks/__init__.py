@@ -3,5 +3,5 @@
 Importing this package registers every built-in attack and data poison.
 """
 
-from . import (adaptive, backdoor, backdoor_updates, data_poisoning, fang, layered, mimic,  # noqa: F401
-               model_poisoning, tabular)
+from . import (adaptive, backdoor, backdoor_updates, data_poisoning, envelopes, fang, layered,  # noqa: F401
+               mimic, model_poisoning, tabular)

@@ -3,7 +3,9 @@
 Implemented here (ECDSA P-256 with SHA-256, FIPS 186-4, through the ``cryptography`` package):
 
 * **Canonical update bytes.** A row is encoded as contiguous little-endian float32
-  (``canonical_bytes``); its digest is SHA-256 of those bytes, hex (``row_digest``).
+  (``canonical_bytes``); its digest is SHA-256 of those bytes, hex (``row_digest``). A payload
+  of named arrays (a Flower reply) has ``arrays_digest``: SHA-256 over each array's name, dtype,
+  shape and little-endian C-order bytes, in the payload's order.
 * **Envelope.** ``client_id, run_id, round, nonce`` (16 fresh random bytes, hex), ``digest`` and
   ``signature``. The signed message (``Envelope.message()``) is ``b"phalanx-envelope-v1\\n"``
   followed by the UTF-8 JSON object of the five fields other than the signature, keys sorted,
@@ -11,15 +13,20 @@ Implemented here (ECDSA P-256 with SHA-256, FIPS 186-4, through the ``cryptograp
 * **KeyRegistry.** Client id -> public key, revoked flag and creation time; in memory, or backed by
   a folder (``<id>.pub.pem`` + ``<id>.meta.json``; private keys ``<id>.key.pem``, mode 0600) or a
   SQLite file (table ``client_keys(client_id, public_pem, revoked, created)``).
-* **ClientSigner.** What a client runs: ``sign(row, run_id, round) -> Envelope``.
+* **ClientSigner.** What a client runs, with its own private key: ``sign(row, run_id, round)
+  -> Envelope`` (or ``sign_digest`` for a digest it computed itself, such as ``arrays_digest``).
+  The server holds public keys only.
 * **Verify layer** (``DEFENSES["verify"]``): gives weight 0 to every row whose envelope fails and
   records one reason from ``REASONS``. Nonces are remembered for the rounds still inside the
   acceptance window ``[round - max_round_lag, round]`` (anything older is ``stale_round``). One
   client, one row per round: once a row of a client id passes every check, any further row of
   that id in the same round (in the same call, or a later call for the same ``ctx.round``) is
   rejected as ``duplicate_client``, however validly signed; its nonce is remembered all the same,
-  so it cannot be replayed later. ``state_dict`` keeps the nonces and each client's last counted
-  round, so a resumed run still blocks replays and second rows.
+  so it cannot be replayed later. ``state_dict`` keeps the run id, the nonces and each client's
+  last counted round, so a resumed run still blocks replays and second rows; loading a state
+  resumes that run (the layer takes the state's run id). When the server hashed each row's payload
+  as it arrived (``ctx.extras["payload_digests"]``, one hex digest or None per row), the envelope's
+  digest is compared with that instead of the row's own digest.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +83,27 @@ def row_digest(row: Any) -> str:
     return hashlib.sha256(memoryview(_row_array(row)).cast("B")).hexdigest()
 
 
+ARRAYS_MAGIC = b"phalanx-arrays-v1\n"
+
+
+def arrays_digest(arrays: Iterable[tuple[str, Any]]) -> str:
+    """SHA-256 (hex) of named arrays, in the order given: ``ARRAYS_MAGIC``, then per array one
+    JSON line ``[name, dtype (little-endian numpy form, e.g. "<f4"), shape]`` followed by the
+    array's bytes in C order, little-endian. What a Flower client signs for its reply's arrays."""
+    h = hashlib.sha256(ARRAYS_MAGIC)
+    for name, arr in arrays:
+        if not isinstance(name, str):
+            raise PhalanxError(f"arrays_digest: array names must be strings, got {type(name).__name__}")
+        a = np.asarray(arr)
+        if a.dtype.hasobject:
+            raise PhalanxError(f"arrays_digest: array {name!r} has dtype object; expected numbers")
+        a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+        head = json.dumps([name, a.dtype.str, list(a.shape)], separators=(",", ":"), ensure_ascii=True)
+        h.update(head.encode("ascii") + b"\n")
+        h.update(memoryview(a).cast("B") if a.size else b"")
+    return h.hexdigest()
+
+
 
 # ---------------------------------------------------------------------------- envelope
 @dataclass(frozen=True)
@@ -116,16 +144,21 @@ class Envelope:
         return {"client_id": self.client_id, "run_id": self.run_id, "round": self.round,
                 "nonce": self.nonce, "digest": self.digest, "signature": self.signature.hex()}
 
+    def to_record(self) -> dict[str, Any]:
+        """The fields as a Flower ConfigRecord takes them (signature as raw bytes)."""
+        return {**self.to_dict(), "signature": bytes(self.signature)}
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Envelope":
         fields = ("client_id", "run_id", "round", "nonce", "digest", "signature")
         if not isinstance(data, Mapping) or set(data) != set(fields):
             got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
             raise IntegrityError(f"envelope: expected keys {', '.join(fields)}, got {got}")
+        raw = data["signature"]
         try:
-            sig = bytes.fromhex(data["signature"])
+            sig = bytes(raw) if isinstance(raw, (bytes, bytearray)) else bytes.fromhex(raw)
         except (TypeError, ValueError):
-            raise IntegrityError(f"envelope: signature must be hex, got {data['signature']!r:.40}") from None
+            raise IntegrityError(f"envelope: signature must be bytes or hex, got {raw!r:.40}") from None
         return cls(*(data[k] for k in fields[:-1]), signature=sig)
 
 
@@ -139,15 +172,31 @@ class ClientSigner:
         self._key = private_key
 
     @classmethod
+    def generate(cls, client_id: str) -> "ClientSigner":
+        """A signer with a fresh P-256 key, made where the client runs."""
+        return cls(client_id, ec.generate_private_key(ec.SECP256R1()))
+
+    @classmethod
     def from_file(cls, client_id: str, path: str | Path) -> "ClientSigner":
         return cls(client_id, load_private_key(path))
 
     def sign(self, update_row: Any, run_id: str, round: int) -> Envelope:
+        """An envelope for one update row (its ``row_digest``)."""
+        return self.sign_digest(row_digest(update_row), run_id, round)
+
+    def sign_digest(self, digest: str, run_id: str, round: int) -> Envelope:
+        """An envelope for a payload whose SHA-256 digest (hex) the client computed itself."""
         if not isinstance(run_id, str) or not run_id:
             raise PhalanxError(f"sign: run_id must be a non-empty string, got {run_id!r}")
         check_nonneg_int("sign", "round", round)
-        env = Envelope(self.client_id, run_id, round, secrets.token_hex(16), row_digest(update_row))
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise PhalanxError(f"sign: digest must be 64 lowercase hex characters, got {digest!r:.80}")
+        env = Envelope(self.client_id, run_id, round, secrets.token_hex(16), digest)
         return replace(env, signature=self._key.sign(env.message(), _ECDSA))
+
+    @property
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
 
 
 def sign_updates(U: torch.Tensor, signers: Mapping[str, ClientSigner], client_ids: Sequence[str],
@@ -245,12 +294,19 @@ class Verify(Layer):
             else:
                 checked[i] = env
         rows = U.detach().to("cpu", torch.float32).contiguous()
-        idx = list(checked)
+        payload = ctx.extras.get("payload_digests")  # what the server hashed as each row arrived
+        if not (isinstance(payload, Sequence) and not isinstance(payload, (str, bytes)) and len(payload) == n):
+            if payload is not None:
+                report.info["error"] = f"payload_digests: expected a list of n={n} entries"
+            payload = [None] * n
+        idx = [i for i in checked if payload[i] is None]
         if len(idx) > 1 and self.workers > 1 and rows.shape[1] >= 1 << 18:
             with ThreadPoolExecutor(min(self.workers, len(idx))) as pool:  # sha256 drops the GIL
-                digests = list(pool.map(lambda i: row_digest(rows[i]), idx))
+                hashed = dict(zip(idx, pool.map(lambda i: row_digest(rows[i]), idx)))
         else:
-            digests = [row_digest(rows[i]) for i in idx]
+            hashed = {i: row_digest(rows[i]) for i in idx}
+        idx = list(checked)
+        digests = [hashed[i] if payload[i] is None else str(payload[i]) for i in idx]
         batch: set[str] = set()
         counted: set[str] = set()  # client ids with a row accepted in this call
         duplicates = 0
@@ -293,9 +349,8 @@ class Verify(Layer):
         if keys is None or not {"run_id", "nonces"} <= keys <= {"run_id", "nonces", "counted"}:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise PhalanxError(f"verify: state must have keys nonces, run_id (and counted); got {got}")
-        if state["run_id"] != self.run_id:
-            raise PhalanxError(f"verify: state is for run_id {state['run_id']!r}, "
-                               f"expected this layer's run_id {self.run_id!r}")
+        if not isinstance(state["run_id"], str) or not state["run_id"]:
+            raise PhalanxError(f"verify: state run_id must be a non-empty string, got {state['run_id']!r}")
         try:
             nonces = {int(r): {str(x) for x in s} for r, s in dict(state["nonces"]).items()}
         except (TypeError, ValueError):
@@ -308,6 +363,15 @@ class Verify(Layer):
             raise PhalanxError("verify: state counted must map client id -> round, got "
                                f"{type(raw).__name__}") from None
         self._nonces, self._counted = nonces, counted
+        self.run_id = state["run_id"]  # a restored state continues its own run
+
+    def bind_run(self, run_id: str) -> None:
+        """Accept envelopes of run ``run_id`` from now on; a different run forgets the nonces and
+        counted rows (they belong to the old run, whose envelopes are now ``wrong_run``)."""
+        if not isinstance(run_id, str) or not run_id:
+            raise PhalanxError(f"verify: run_id must be a non-empty string, got {run_id!r}")
+        if run_id != self.run_id:
+            self.run_id, self._nonces, self._counted = run_id, {}, {}
 
     def __repr__(self) -> str:
         return f"Verify(run_id={self.run_id!r}, max_round_lag={self.max_round_lag}, registry={self.registry!r})"
