@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -106,6 +107,8 @@ class Federation:
         # signs each row as its client sends it); the server's registry holds the public keys only
         self.signers: dict[str, Any] = {}
         inject: dict[str, Any] = {}
+        # a fresh random run id per run, bound into every envelope (run() binds the store's when given)
+        self.run_id: str | None = uuid.uuid4().hex[:12]
         if fed.signing:
             from .defenses.signing import ClientSigner, KeyRegistry
 
@@ -113,7 +116,7 @@ class Federation:
             registry = KeyRegistry()
             for cid, signer in self.signers.items():
                 registry.add(cid, signer.public_key)
-            inject = {"registry": registry, "run_id": cfg.name}
+            inject = {"registry": registry, "run_id": self.run_id}
         inject["sample_rate"] = (fed.clients_per_round or fed.num_clients) / fed.num_clients  # central DP's q
         self.defense = build_defense(cfg.defense, f=self.server_f, **inject)
         self.uses_f = any(getattr(stage, "f", None) is not None for stage in self.defense.stages)
@@ -309,7 +312,7 @@ class Federation:
         ctx = self.round_context(rnd, chosen)
         if self.signers:  # each client signs the row it sends with its own key (an attacker its crafted row)
             t_sign = time.perf_counter()
-            envelopes = [self.signers[cid].sign(U[i], self.cfg.name, rnd) for i, cid in enumerate(ctx.client_ids)]
+            envelopes = [self.signers[cid].sign(U[i], self.run_id, rnd) for i, cid in enumerate(ctx.client_ids)]
             sign_seconds = time.perf_counter() - t_sign
             tamper = getattr(self.attack, "tamper_envelopes", None)
             if attacking and tamper is not None and bool(mal.any()):  # forged, replayed, impersonated
@@ -317,7 +320,7 @@ class Federation:
 
                 gen = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, rnd, 23]).integers(2**62)))
                 own = {cid: self.signers[cid] for cid, m in zip(ctx.client_ids, mal.tolist()) if m}
-                U, envelopes = tamper(U, envelopes, EnvelopeContext(rnd, self.cfg.name, list(ctx.client_ids), mal.clone(),
+                U, envelopes = tamper(U, envelopes, EnvelopeContext(rnd, self.run_id, list(ctx.client_ids), mal.clone(),
                                                                     own, self.attack_history, gen))
             ctx.extras["envelopes"] = envelopes
         for hook in self.hooks.before_aggregate:
@@ -364,6 +367,13 @@ class Federation:
                     row[f"{rep.name}_score"] = float(rep.scores[i])
         self.round = rnd + 1
         return RoundResult(rnd, metrics, clients, g, report)
+
+    def bind_run(self, run_id: str) -> None:
+        """Make ``run_id`` the run id clients sign and the verify layers accept."""
+        self.run_id = run_id
+        for stage in self.defense.stages:
+            if hasattr(stage, "bind_run"):
+                stage.bind_run(run_id)
 
     def attackers(self) -> set[str]:
         """The ids of the clients that attack: none when the config has no attack or poison."""
@@ -438,14 +448,15 @@ class Federation:
         if checkpoint is not None and Path(checkpoint).is_file():
             state = load_checkpoint(checkpoint)
             restore(self, state)
-            run_id = run_id or state["run_id"]
+            run_id = run_id or state["run_id"] or next(  # no store: the restored verify layer's run id
+                (s.run_id for s in self.defense.stages if hasattr(s, "bind_run")), None)
             if store is not None and run_id is not None:
                 store.truncate_after(run_id, self.round - 1)
                 store.reopen_run(run_id)
                 store.log_event(run_id, self.round, "resumed", {"from_round": self.round})
         if store is not None and run_id is None:
-            run_id = store.start_run(self.cfg.model_dump(), self.cfg.name, self.cfg.seed, cell=cell)
-        self.run_id = run_id
+            run_id = store.start_run(self.cfg.model_dump(), self.cfg.name, self.cfg.seed, run_id=self.run_id, cell=cell)
+        self.bind_run(run_id or self.run_id)
         last: dict[str, Any] = {}
         try:
             for rnd in range(self.round, self.cfg.federation.rounds):

@@ -476,3 +476,51 @@ def test_replay_of_an_own_earlier_row_is_stale_after_its_first_round(tiny_config
     for cid in bad:  # first round: its poisoned row validly signed (a Byzantine key holder passes verify)
         assert flags[(0, cid)] == [] and flags[(1, cid)] == flags[(2, cid)] == ["verify:stale_round"]
     assert all(not r["flags"] for r in rows if r["client_id"] not in bad)
+
+
+# --------------------------------------------------------------- run ids
+def test_each_run_has_its_own_random_run_id_bound_into_every_envelope(tiny_config, tmp_path):
+    from phalanx.config import parse_config
+    from phalanx.federation import Federation, Hooks
+    from phalanx.store import Store
+
+    tiny_config["federation"].update(signing=True, rounds=2)
+    tiny_config["defense"] = ["verify", "mean"]
+    seen: list = []
+    cfg = parse_config(tiny_config)
+    a = Federation(cfg, hooks=Hooks(before_aggregate=[lambda U, ctx: seen.append((U.clone(), ctx.extras["envelopes"]))]))
+    b = Federation(cfg)
+    assert a.run_id != b.run_id and len(a.run_id) == 12  # two runs of one config
+    store = Store(tmp_path / "r.db")
+    a.run(store)
+    assert store.runs()[0]["run_id"] == a.run_id == a.defense.layers[0].run_id  # stored, bound
+    assert {e.run_id for _, envs in seen for e in envs} == {a.run_id}
+    # run a's round-0 envelopes are worthless to run b, even in its round 0
+    U, envs = seen[0]
+    ctx = simple_round_context(U, extras={"envelopes": envs})
+    ctx.client_ids = [e.client_id for e in envs]
+    b.defense.layers[0].registry = a.defense.layers[0].registry  # even with the same keys
+    assert set(b.defense.layers[0](U, torch.ones(len(envs)), ctx)[2].reasons.values()) == {"wrong_run"}
+
+
+def test_a_resumed_run_keeps_its_run_id(tiny_config, tmp_path):
+    from phalanx.config import parse_config
+    from phalanx.federation import Federation
+    from phalanx.store import Store
+
+    tiny_config["federation"].update(signing=True, rounds=3)
+    tiny_config["defense"] = ["verify", "mean"]
+    cfg, ck, store = parse_config(tiny_config), tmp_path / "ck.pt", Store(tmp_path / "r.db")
+    from phalanx.checkpoint import save_checkpoint
+
+    first = Federation(cfg)
+    run_id = store.start_run(cfg.model_dump(), cfg.name, cfg.seed)  # as `phalanx run` does
+    first.bind_run(run_id)
+    first.run_round(0)  # one round, then the checkpoint `phalanx run` writes after each round
+    save_checkpoint(ck, first, run_id)
+    again = Federation(cfg)
+    assert again.run_id != run_id
+    again.run(store, run_id=run_id, checkpoint=ck)
+    assert again.run_id == run_id == again.defense.layers[0].run_id
+    rows = store.client_rows(run_id)
+    assert rows and not any(r["flags"] for r in rows)
