@@ -5,7 +5,9 @@ adaptive clipping"): C <- C * exp(-eta * (b - q)), where b is the fraction of no
 Unlike that paper, b is not noised: the tracked bound depends on past rounds' norms.
 
 Every accepted row leaves with norm at most the round's bound, reported as ``info["norm_bound"]``
-(what central DP calibrates its noise to). The tracked bound is the layer's state
+(what central DP calibrates its noise to), up to float32 rounding (norms are float32 block sums
+added in float64). U passes on uncopied when no row is clipped; otherwise one new matrix is
+written in a single pass. The tracked bound is the layer's state
 (``state_dict`` / ``load_state_dict``), so a resumed run clips exactly as an uninterrupted one.
 """
 
@@ -14,12 +16,39 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..context import RoundContext
 from ..errors import PhalanxError
 from ..registry import DEFENSES
-from .base import Layer, Report, active, check_positive
+from ..updates import column_tasks, new_matrix, readable, row_sq_norms, run_chunks
+from .base import Layer, Report, check_positive
+
+
+def scale_rows(U: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A new matrix with row i = U_i * scale_i (float64 products rounded to U's dtype; rows with
+    scale 1 copied bit for bit), in one pass over U in column blocks."""
+    if U.device.type != "cpu" or U.dtype not in (torch.float32, torch.float64):
+        return (U.double() * scale.to(U.device)[:, None]).to(U.dtype)
+    A = readable(U)
+    n, d = A.shape
+    out_t = new_matrix(n, d, U.dtype)
+    out = out_t.numpy()
+    s = scale.cpu().numpy()
+    moved = np.flatnonzero(s != 1)
+    kept = np.flatnonzero(s == 1)
+    sm = s[moved][:, None]
+    tasks, bc = column_tasks(d, n, A.itemsize)
+
+    def work(t):
+        for j in range(t[0], t[1], bc):
+            e = min(j + bc, t[1])
+            out[kept, j:e] = A[kept, j:e]
+            out[moved, j:e] = A[moved, j:e] * sm  # float32 * float64 -> float64, then rounded
+
+    run_chunks(tasks, work)
+    return out_t
 
 
 class Clip(Layer):
@@ -50,14 +79,16 @@ class Clip(Layer):
 
     def __call__(self, U: torch.Tensor, w: torch.Tensor, ctx: RoundContext):
         report = Report(self.name, n=U.shape[0])
-        A, _, idx = active(U, w)
-        norms = A.double().norm(dim=1)
+        idx = torch.nonzero(w > 0).flatten().cpu()
         if len(idx) == 0:
             return U, w, report
+        norms = row_sq_norms(U)[idx].sqrt()
         bound = self.current_bound(norms)
         scale = torch.clamp(bound / norms.clamp_min(1e-12), max=1.0)
-        U = U.clone()
-        U[idx] = (A.double() * scale[:, None]).to(U.dtype)
+        full = torch.ones(U.shape[0], dtype=torch.float64)
+        full[idx] = scale
+        if not bool((full == 1).all()):  # otherwise U passes on uncopied
+            U = scale_rows(U, full)
         if self.mode == "quantile":
             below = float((norms <= self.bound).double().mean())
             self.bound *= math.exp(-self.eta * (below - self.quantile))

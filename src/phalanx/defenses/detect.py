@@ -25,9 +25,10 @@ import torch
 from ..context import RoundContext
 from ..errors import PhalanxError
 from ..registry import DEFENSES
-from ..updates import cosine_matrix
+from ..updates import column_tasks, cosine_matrix, readable, row_sq_norms, run_chunks
 from .base import Aggregator, Layer, Report, check_nonneg_int, check_positive
-from .robust import combine, finite_or_raise, honest_majority, make_report, prepare, row_norms
+from .robust import (combine, finite_or_raise, honest_majority, make_report, prepare, prepare_rows,
+                     row_norms)
 
 
 def _median(x: torch.Tensor) -> float:
@@ -42,29 +43,31 @@ class FLTrust(Aggregator):
     name = "fltrust"
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w)
+        U, _, idx, rows = prepare_rows(self.name, U, w)
         if ctx.server_update is None:
             raise PhalanxError("fltrust: needs ctx.server_update (the server's update on its root "
                                "data set), got None")
         g0 = ctx.server_update()
-        d = Ua.shape[1]
+        d = U.shape[1]
         if not isinstance(g0, torch.Tensor) or g0.numel() != d:
             got = tuple(g0.shape) if isinstance(g0, torch.Tensor) else type(g0).__name__
             raise PhalanxError(f"fltrust: ctx.server_update() must return a tensor of {d} values, got {got}")
-        g0 = g0.detach().reshape(-1).to(device=Ua.device, dtype=Ua.dtype)
+        g0 = g0.detach().reshape(-1).to(device=U.device, dtype=U.dtype)
         n0 = float(torch.linalg.vector_norm(g0.double()))
         if not np.isfinite(n0) or n0 == 0.0:
             raise PhalanxError(f"fltrust: the server update must be finite and non-zero, got norm {n0}")
-        finite = torch.isfinite(Ua).all(1)  # a NaN/inf row earns no trust (NaN would poison the sum)
-        Uf = Ua if bool(finite.all()) else torch.where(finite[:, None], Ua, 0.0)
-        norms = row_norms(Uf)
-        cos = (Uf @ g0).double() / (norms.clamp_min(1e-300) * n0)
-        trust = torch.relu(cos) * finite.to(cos.device)
+        # a NaN/inf row (its squared norm is not finite) earns no trust, and is never read again
+        norms = row_sq_norms(U)[idx].sqrt()
+        finite = torch.isfinite(norms)
+        dots = (U @ g0).double().cpu()[idx]
+        cos = dots / (norms.clamp_min(1e-300) * n0)
+        trust = torch.where(finite, torch.relu(cos), 0.0)
         total = float(trust.sum())
         if total > 0:
-            g = combine(trust * (n0 / norms.clamp_min(1e-300)) / total, Uf)
+            coef = torch.where(finite, trust * (n0 / norms.clamp_min(1e-300)) / total, 0.0)
+            g = combine(coef, U, idx)
         else:
-            g = torch.zeros(d, dtype=Ua.dtype, device=Ua.device)
+            g = torch.zeros(d, dtype=U.dtype, device=U.device)
         rep = make_report(self.name, U.shape[0], idx, trust, trust > 0, "negative_cosine", server_norm=n0,
                           all_untrusted=total == 0)
         for row in idx[~finite.cpu()].tolist():
@@ -80,33 +83,111 @@ def _check_sign_params(name: str, coords, clustering: str) -> float:
     return float(coords)
 
 
-def sign_statistics(U: torch.Tensor, coords: float, generator: torch.Generator) -> tuple[np.ndarray, int]:
-    """Each row's fractions of positive, zero and negative values on a random ``coords`` fraction
-    of the coordinates (SignGuard's features), and the number of coordinates sampled."""
+def sign_statistics(U: torch.Tensor, coords: float, generator: torch.Generator,
+                    rows: torch.Tensor | None = None) -> tuple[np.ndarray, int]:
+    """Each row's (of ``rows`` when given) fractions of positive, zero and negative values on a
+    random ``coords`` fraction of the coordinates (SignGuard's features), and the number of
+    coordinates sampled. Counted in column chunks on worker threads (no copy of U)."""
     d = U.shape[1]
     k = max(1, int(round(coords * d)))
-    cols = torch.randperm(d, generator=generator)[:k].sort().values
-    sub = U[:, cols.to(U.device)]
-    feats = torch.stack([(sub > 0).double().mean(1), (sub == 0).double().mean(1),
-                         (sub < 0).double().mean(1)], 1).cpu().numpy()
+    cols = torch.randperm(d, generator=generator)[:k].sort().values.numpy()
+    A = readable(U)
+    r = None if rows is None else rows.cpu().numpy()
+    n = A.shape[0] if r is None else len(r)
+    tasks, _ = column_tasks(d, n, A.itemsize)
+    cuts = np.searchsorted(cols, [t[0] for t in tasks] + [d])
+
+    def work(i):
+        c = cols[cuts[i]:cuts[i + 1]]
+        sub = A[:, c] if r is None else A[np.ix_(r, c)]
+        return np.count_nonzero(sub > 0, axis=1), np.count_nonzero(sub < 0, axis=1)
+
+    pos = np.zeros(n, dtype=np.int64)
+    neg = np.zeros(n, dtype=np.int64)
+    for p_, n_ in run_chunks(list(range(len(tasks))), work):
+        pos += p_
+        neg += n_
+    feats = np.stack([pos / k, (k - pos - neg) / k, neg / k], 1)
     return feats, k
+
+
+def _pair_dist(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Euclidean distances [len(A), len(B)], from coordinate differences (no cancellation)."""
+    return np.sqrt(((A[:, None, :] - B[None, :, :]) ** 2).sum(-1))
+
+
+def estimate_bandwidth(X: np.ndarray, quantile: float = 0.5) -> float:
+    """scikit-learn's ``estimate_bandwidth``: the mean over points of the distance to their
+    int(n * quantile)-th nearest point (the point itself counting as the first)."""
+    k = max(1, int(X.shape[0] * quantile))
+    return float(np.sort(_pair_dist(X, X), axis=1)[:, k - 1].mean())
+
+
+def mean_shift_labels(X: np.ndarray, bandwidth: float, max_iter: int = 300) -> np.ndarray:
+    """scikit-learn's ``MeanShift(bandwidth, bin_seeding=True, cluster_all=False)`` labels, for
+    the few low-dimensional points SignGuard clusters, without its thread pools (after torch's
+    parallel regions its nearest-neighbour searches took 356 ms a call, against well under one
+    here). Flat kernel: seeds (the occupied cells of a grid of side ``bandwidth``, or the points
+    when every point has a cell of its own) move to the mean of the points within
+    ``bandwidth`` until they move less than 1e-3 ``bandwidth``; centres closer than
+    ``bandwidth`` to a centre holding more points are dropped; each point takes its nearest
+    centre, or -1 when that is farther than ``bandwidth``."""
+    cells: dict[tuple, int] = {}
+    for cell in map(tuple, np.round(X / bandwidth)):
+        cells[cell] = cells.get(cell, 0) + 1
+    seeds = (np.array(list(cells), dtype=np.float32) * bandwidth if len(cells) < len(X)
+             else X.astype(np.float64).copy())
+    stop = 1e-3 * bandwidth
+    means = seeds.astype(np.float64)
+    counts = np.zeros(len(seeds), dtype=np.int64)
+    live = np.ones(len(seeds), dtype=bool)
+    it = np.zeros(len(seeds), dtype=np.int64)
+    while live.any():
+        idx = np.flatnonzero(live)
+        within = _pair_dist(means[idx], X) <= bandwidth
+        cnt = within.sum(1)
+        empty = cnt == 0
+        new = (within.astype(np.float64) @ X) / np.maximum(cnt, 1)[:, None]
+        shift = np.linalg.norm(new - means[idx], axis=1)
+        counts[idx] = cnt
+        done = empty | (shift <= stop) | (it[idx] == max_iter)
+        means[idx[~empty]] = new[~empty]
+        it[idx] += 1
+        live[idx[done]] = False
+    centers: dict[tuple, int] = {}
+    for mu, c in zip(map(tuple, means), counts):
+        if c:
+            centers[mu] = int(c)
+    ranked = sorted(centers.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+    C = np.array([mu for mu, _ in ranked])
+    unique = np.ones(len(C), dtype=bool)
+    near = _pair_dist(C, C) <= bandwidth
+    for i in range(len(C)):
+        if unique[i]:
+            unique[near[i]] = False
+            unique[i] = True
+    C = C[unique]
+    dist = _pair_dist(X.astype(np.float64), C)
+    labels = dist.argmin(1)
+    labels[dist[np.arange(len(X)), labels] > bandwidth] = -1
+    return labels
 
 
 def largest_cluster(feats: np.ndarray, clustering: str, seed: int) -> np.ndarray:
     """Mask of the rows in the largest cluster of ``feats`` (MeanShift or 2-means); all rows when
     there is nothing to separate."""
-    from sklearn.cluster import KMeans, MeanShift, estimate_bandwidth
-
     n = feats.shape[0]
     if n < 3 or np.ptp(feats, axis=0).max() == 0:
         return np.ones(n, dtype=bool)
     if clustering == "kmeans":
+        from sklearn.cluster import KMeans
+
         labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(feats).labels_
     else:
         bw = estimate_bandwidth(feats, quantile=0.5)
         if not bw > 0:
             return np.ones(n, dtype=bool)
-        labels = MeanShift(bandwidth=bw, bin_seeding=True, cluster_all=False).fit(feats).labels_
+        labels = mean_shift_labels(feats, bw)
     valid = labels[labels >= 0]
     if valid.size == 0:
         return np.ones(n, dtype=bool)
@@ -133,14 +214,14 @@ class SignGuard(Aggregator):
         self.coords, self.clustering = _check_sign_params(self.name, coords, clustering), clustering
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w)
-        n, d = Ua.shape
+        U, _, idx, rows = prepare_rows(self.name, U, w)
+        n = len(idx)
         honest_majority(self.name, n, self.f)
-        norms = row_norms(Ua)
+        norms = row_sq_norms(U)[idx].sqrt()
         med = _median(norms)
         ratio = norms / med if med > 0 else torch.ones(n, dtype=torch.float64, device=norms.device)
         norm_ok = ((ratio >= self.lower) & (ratio <= self.upper)).cpu()
-        feats, k = sign_statistics(Ua, self.coords, ctx.generator)
+        feats, k = sign_statistics(U, self.coords, ctx.generator, rows)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
         sign_ok = torch.from_numpy(largest_cluster(feats, self.clustering, seed))
         keep = norm_ok & sign_ok
@@ -149,7 +230,7 @@ class SignGuard(Aggregator):
             keep = norm_ok
         clip = torch.clamp(med / norms.clamp_min(1e-300), max=1.0) if med > 0 else torch.ones_like(norms)
         coef = keep.to(norms.device).double() * clip / int(keep.sum())
-        g = finite_or_raise(self.name, combine(coef, Ua))
+        g = finite_or_raise(self.name, combine(coef, U, idx))
         rep = make_report(self.name, U.shape[0], idx, ratio, keep, None, median_norm=med,
                           fallback=fallback, coords=k)
         for i, row in enumerate(idx.cpu().tolist()):
@@ -188,8 +269,9 @@ class SignFilter(Layer):
         if self.f > 0:
             honest_majority(self.name, int((w > 0).sum()), self.f)
         report = Report(self.name, n=n)
-        live = torch.nonzero((w > 0) & torch.isfinite(U).all(1)).flatten()
-        feats, k = sign_statistics(U[live], self.coords, ctx.generator)
+        finite = torch.isfinite(row_sq_norms(U)) if U.is_floating_point() else torch.zeros(n, dtype=torch.bool)
+        live = torch.nonzero((w.cpu() > 0) & finite).flatten()
+        feats, k = sign_statistics(U, self.coords, ctx.generator, live)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
         keep = torch.from_numpy(largest_cluster(feats, self.clustering, seed))
         inconclusive = int(keep.sum()) < self.min_keep * len(live)

@@ -19,21 +19,53 @@ import inspect
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..context import RoundContext
 from ..errors import PhalanxError
 from ..registry import DEFENSES
-from ..updates import pairwise_sq_dists
+from ..updates import Distances, column_tasks, new_matrix, readable, row_sq_norms, run_chunks
 from .base import Aggregator, Layer, check_nonneg_int, check_positive, require_rows
-from .robust import check_int, combine, finite_or_raise, make_report, prepare
+from .robust import (check_int, combine, finite_or_raise, make_report, nearest_sets, prepare,
+                     prepare_rows)
+
+
+def mix_rows(U: torch.Tensor, rows: torch.Tensor | None, M: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """A new [N, d] matrix: active row i (the i-th of ``rows``, all rows when None) becomes
+    M[which[i]] @ U[rows]; the other rows are copied. One pass over U in column blocks (the
+    distinct rows of M are multiplied once each), written into huge-page memory."""
+    A = readable(U)
+    N, d = A.shape
+    out_t = new_matrix(N, d, U.dtype if U.dtype in (torch.float32, torch.float64) else torch.float32)
+    out = out_t.numpy()
+    r = None if rows is None else rows.cpu().numpy()
+    rest = None if r is None else np.setdiff1d(np.arange(N), r)
+    Mn = M.to(torch.float32 if A.dtype == np.float32 else torch.float64).cpu().numpy()
+    inv = which.cpu().numpy()
+    tasks, bc = column_tasks(d, N, A.itemsize)
+
+    def work(t):
+        for j in range(t[0], t[1], bc):
+            e = min(j + bc, t[1])
+            blk = A[:, j:e]
+            if r is None:
+                out[:, j:e] = (Mn @ blk)[inv]
+            else:
+                out[r, j:e] = (Mn @ blk[r])[inv]
+                out[rest, j:e] = blk[rest]
+
+    run_chunks(tasks, work)
+    return out_t.to(U.dtype) if out_t.dtype != U.dtype else out_t
 
 
 class NNM(Layer):
     """Nearest Neighbour Mixing (Allouah et al. 2023): replace each row by the mean of its n - f
-    nearest rows (itself included), with one distance matrix and one [n, n] x [n, d] product.
-    Keeps n rows and their weights (rows with w == 0 pass through unchanged). Needs n > 2f (the
-    paper's setting: fewer than half of the clients Byzantine).
+    nearest rows (itself included; ties to the lower index), with one distance matrix (the
+    float32 Gram, rows whose neighbour sets it cannot settle re-checked in float64) and one
+    [n, n] x [n, d] product (rows with the same neighbour set mixed once). Keeps n rows and their
+    weights (rows with w == 0 pass through unchanged). Needs n > 2f (the paper's setting: fewer
+    than half of the clients Byzantine).
     Report scores: the mean squared distance of each row to the neighbours it mixed."""
 
     name = "nnm"
@@ -42,23 +74,18 @@ class NNM(Layer):
         self.f = check_nonneg_int(self.name, "f", f)
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w)
-        n, f = Ua.shape[0], self.f
+        U, _, idx, rows = prepare_rows(self.name, U, w)
+        n, f = len(idx), self.f
         require_rows(self.name, n, 2 * f + 1, "n > 2f", f)
         k = n - f
-        D = pairwise_sq_dists(Ua)
-        D.fill_diagonal_(-1.0)  # each row is its own nearest neighbour, whatever the ties
-        near = torch.topk(D, k, dim=1, largest=False)
-        M = torch.zeros(n, n, dtype=Ua.dtype, device=Ua.device)
-        M.scatter_(1, near.indices, 1.0 / k)
-        mixed = M @ Ua
-        if n == U.shape[0]:
-            out = mixed
-        else:
-            out = U.detach().clone()
-            out[idx] = mixed
-        scores = near.values.clamp_min(0).sum(1) / max(k - 1, 1)
-        return out, w, make_report(self.name, U.shape[0], idx, scores, f=f, neighbours=k)
+        dist = Distances(U, rows)
+        near = nearest_sets(dist, k)  # each row first in its own set, ties to the lower index
+        scores = dist.D.gather(1, near).clamp_min(0).sum(1) / max(k - 1, 1)
+        sets, which = torch.unique(near.sort(1).values, dim=0, return_inverse=True)
+        M = torch.zeros(len(sets), n, dtype=torch.float64).scatter_(1, sets, 1.0 / k)
+        out = mix_rows(U, rows, M, which)
+        return out, w, make_report(self.name, U.shape[0], idx, scores, f=f, neighbours=k,
+                                   rechecked=dist.refined)
 
     def __repr__(self):
         return f"NNM(f={self.f})"
@@ -82,17 +109,15 @@ class Bucketing(Aggregator):
         self.name = f"bucketing({inner_name})"
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w)
-        n = Ua.shape[0]
+        U, _, idx, rows = prepare_rows(self.name, U, w)
+        n = len(idx)
         require_rows(self.name, n, 2 * self.s * self.f + 1, f"n > 2sf (s={self.s})", self.f)
         nb = math.ceil(n / self.s)
         perm = torch.randperm(n, generator=ctx.generator)
         bucket = torch.empty(n, dtype=torch.long)
         bucket[perm] = torch.arange(n) // self.s  # row perm[p] goes to bucket p // s
-        counts = torch.bincount(bucket, minlength=nb).to(device=Ua.device, dtype=Ua.dtype)
-        B = torch.zeros(nb, Ua.shape[1], dtype=Ua.dtype, device=Ua.device)
-        B.index_add_(0, bucket.to(Ua.device), Ua).div_(counts[:, None])
-        g, rep = self.inner(B, torch.ones(nb, dtype=Ua.dtype, device=Ua.device), ctx)
+        B = _bucket_means(U, idx[perm], self.s)
+        g, rep = self.inner(B, torch.ones(nb, dtype=B.dtype, device=B.device), ctx)
         keep = torch.ones(n, dtype=torch.bool) if rep.selected is None else rep.selected.cpu()[bucket]
         scores = None if rep.scores is None else rep.scores.cpu()[bucket]
         buckets = [idx.cpu()[perm[b * self.s:(b + 1) * self.s]].tolist() for b in range(nb)]
@@ -107,6 +132,28 @@ class Bucketing(Aggregator):
 
     def __repr__(self):
         return f"Bucketing(s={self.s}, f={self.f}, inner={self.inner!r})"
+
+
+def _bucket_means(U: torch.Tensor, order: torch.Tensor, s: int) -> torch.Tensor:
+    """[ceil(n / s), d]: the means of the rows U[order[b s:(b + 1) s]], in column blocks (no copy
+    of U)."""
+    A = readable(U)
+    d = A.shape[1]
+    r = order.cpu().numpy()
+    n = len(r)
+    starts = np.arange(0, n, s)
+    counts = np.diff(np.append(starts, n)).astype(A.dtype)[:, None]
+    out_t = new_matrix(len(starts), d, torch.float64 if A.dtype == np.float64 else torch.float32)
+    out = out_t.numpy()
+    tasks, bc = column_tasks(d, n, A.itemsize)
+
+    def work(t):
+        for j in range(t[0], t[1], bc):
+            e = min(j + bc, t[1])
+            np.divide(np.add.reduceat(A[r, j:e], starts, axis=0), counts, out=out[:, j:e])
+
+    run_chunks(tasks, work)
+    return out_t.to(device=U.device, dtype=U.dtype)
 
 
 class DnC(Aggregator):
@@ -127,8 +174,12 @@ class DnC(Aggregator):
         self.iterations = check_int(self.name, "iterations", iterations)
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w, finite=True)
-        n, d = Ua.shape
+        U, _, idx, rows = prepare_rows(self.name, U, w)
+        bad = ~torch.isfinite(row_sq_norms(U)[idx])
+        if bool(bad.any()):
+            raise PhalanxError(f"{self.name}: rows {idx[bad].tolist()} have NaN/inf values; put the "
+                               "'validate' layer before it")
+        n, d = len(idx), U.shape[1]
         drop = math.ceil(self.c * self.f - 1e-9)
         require_rows(self.name, n, 2 * self.f + 1, "n > 2f", self.f)
         require_rows(self.name, n, drop + 1, "n > c*f", self.f)
@@ -137,7 +188,8 @@ class DnC(Aggregator):
         total = torch.zeros(n, dtype=torch.float64)
         for _ in range(self.iterations):
             cols = torch.randperm(d, generator=ctx.generator)[:b].sort().values
-            sub = Ua[:, cols.to(Ua.device)].double()
+            sub = U[:, cols.to(U.device)]
+            sub = (sub if rows is None else sub[rows.to(U.device)]).double()
             sub = sub - sub.mean(0, keepdim=True)
             # top right singular vector v of sub via the n x n Gram matrix: with sub sub^T u = lam u,
             # v = sub^T u / sqrt(lam) and the score (sub v)_i^2 = lam u_i^2 (no [n, b] SVD needed)
@@ -152,7 +204,7 @@ class DnC(Aggregator):
         fallback = not bool(keep.any())
         if fallback:
             keep = votes == votes.max()
-        g = finite_or_raise(self.name, combine(keep.double() / keep.sum(), Ua))
+        g = finite_or_raise(self.name, combine(keep.double() / keep.sum(), U, idx))
         return g, make_report(self.name, U.shape[0], idx, total / self.iterations, keep, "outlier",
                               f=self.f, removed_per_iteration=drop, fallback=fallback)
 

@@ -16,9 +16,16 @@ rejected do not lower f: they may all have been honest (a norm filter in a non-I
 to f Byzantine rows may remain among the active ones. With f = 0 every bound holds for n >= 1;
 mean never uses f (it claims no robustness).
 
-Coordinate-wise rules sort cache-sized column blocks (numpy's SIMD sort on CPU, ``torch.sort``
-elsewhere), spread over ``torch.get_num_threads()`` threads. Distance-based rules build on one
-matrix product (``updates.pairwise_sq_dists``).
+Speed (``benchmarks/aggregators.py``). No rule copies U: the active rows are read in place.
+Coordinate-wise rules sort cache-sized column blocks (numpy's SIMD sort) on worker threads.
+Distance rules build on one float32 Gram matrix (``updates.Distances``): Krum, Multi-Krum,
+Bulyan's selection and NNM re-check in float64 only the rows whose choice its proven error bound
+leaves open, so they choose exactly the rows a float64 computation chooses (up to ties within
+float64 rounding; bit-for-bit copies tie exactly and break by index). Bulyan's iterated Krum
+updates each row's score as rows leave (O(n^2) in all, not O(n^3)). The geometric median and
+centered clipping iterate on coefficients over the Gram matrix when n is small (one pass over U
+at the end; the geometric median then checks its stopping rule with exact distances), and pass
+over U twice per iteration otherwise.
 
 Every factory also accepts ``f`` (the declared Byzantine count) so that a grid can pass the same
 ``f`` to every defense; rules whose computation does not use it still check their bound with it.
@@ -27,7 +34,6 @@ Every factory also accepts ``f`` (the declared Byzantine count) so that a grid c
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -36,7 +42,8 @@ import torch
 from ..context import RoundContext
 from ..errors import PhalanxError
 from ..registry import DEFENSES
-from ..updates import pairwise_sq_dists
+from ..updates import (Distances, Gram, column_tasks, combine, readable, row_sq_dists,  # noqa: F401
+                       row_sq_norms, run_chunks)
 from .base import Aggregator, Report, active, check_nonneg_int, check_positive, require_rows
 
 _BLOCK_BYTES = 1 << 20  # one column block (n rows x bc columns) fits in a core's L2 cache
@@ -44,11 +51,7 @@ _BLOCK_BYTES = 1 << 20  # one column block (n rows x bc columns) fits in a core'
 
 # ----------------------------------------------------------------------------- shared helpers
 
-def prepare(name: str, U: torch.Tensor, w: torch.Tensor, finite: bool = False):
-    """Check (U, w) and return the active rows: (Ua, wa, idx). Avoids a copy when all are active.
-
-    ``finite``: the rule cannot work around NaN/inf rows (a clustering, an eigendecomposition), so
-    active rows with such values are a clear error rather than a numerical library's crash."""
+def _check(name: str, U, w) -> None:
     if not isinstance(U, torch.Tensor) or U.ndim != 2 or not U.is_floating_point():
         got = tuple(U.shape) if isinstance(U, torch.Tensor) else type(U).__name__
         raise PhalanxError(f"{name}: U must be a float tensor of shape [n, d], got {got}")
@@ -57,6 +60,14 @@ def prepare(name: str, U: torch.Tensor, w: torch.Tensor, finite: bool = False):
         raise PhalanxError(f"{name}: w must have shape [{U.shape[0]}] (one weight per row), got {got}")
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise PhalanxError(f"{name}: weights must be finite and >= 0, got {w.tolist()}")
+
+
+def prepare(name: str, U: torch.Tensor, w: torch.Tensor, finite: bool = False):
+    """Check (U, w) and return the active rows: (Ua, wa, idx). Avoids a copy when all are active.
+
+    ``finite``: the rule cannot work around NaN/inf rows (a clustering, an eigendecomposition), so
+    active rows with such values are a clear error rather than a numerical library's crash."""
+    _check(name, U, w)
     U = U.detach()
     if bool((w > 0).all()):
         Ua, wa, idx = U, w, torch.arange(U.shape[0], device=w.device)
@@ -64,10 +75,23 @@ def prepare(name: str, U: torch.Tensor, w: torch.Tensor, finite: bool = False):
         Ua, wa, idx = active(U, w)
     if Ua.shape[0] == 0:
         raise PhalanxError(f"{name}: every row has weight 0; nothing to aggregate")
-    if finite and not bool(torch.isfinite(Ua).all()):
-        bad = idx[~torch.isfinite(Ua).all(1)].tolist()
+    if finite:  # one pass: a row's squared norm is finite exactly when its values are
+        ok = torch.isfinite(row_sq_norms(Ua)).to(idx.device)
+    if finite and not bool(ok.all()):
+        bad = idx[~ok].tolist()
         raise PhalanxError(f"{name}: rows {bad} have NaN/inf values; put the 'validate' layer before it")
     return Ua, wa, idx
+
+
+def prepare_rows(name: str, U: torch.Tensor, w: torch.Tensor):
+    """Check (U, w) and return (U, wa, idx, rows) without copying: ``rows`` is None when every
+    row is active, else ``idx`` (the active rows, which the kernels read in place)."""
+    _check(name, U, w)
+    idx = torch.nonzero(w > 0).flatten().cpu()
+    if len(idx) == 0:
+        raise PhalanxError(f"{name}: every row has weight 0; nothing to aggregate")
+    rows = None if len(idx) == U.shape[0] else idx
+    return U.detach(), w[idx.to(w.device)], idx, rows
 
 
 def make_report(name: str, n: int, idx: torch.Tensor, scores: torch.Tensor | None = None,
@@ -102,61 +126,43 @@ def finite_or_raise(name: str, g: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def combine(coef: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """sum_i coef_i U_i as one matrix-vector product (coef: per row, any float dtype)."""
-    return coef.to(device=U.device, dtype=U.dtype) @ U
-
-
 def row_norms(U: torch.Tensor) -> torch.Tensor:
     """L2 norm of each row as float64 [n] (one pass; norms have no cancellation to fear)."""
     return torch.linalg.vector_norm(U, dim=1).double()
 
 
-def row_sq_dists(U: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """|U_i - v|^2 for each row, float64 [n]: computed directly (no |a|^2 + |b|^2 - 2ab
-    cancellation when v is close to a row), in column blocks of about 4 MiB (measured: smaller
-    blocks pay more per-op overhead than they save in cache traffic)."""
-    n, d = U.shape
-    bc = max(1024, 4 * _BLOCK_BYTES // (U.element_size() * max(n, 1)))
-    out = torch.zeros(n, dtype=torch.float64, device=U.device)
-    for j in range(0, d, bc):
-        out += torch.linalg.vector_norm(U[:, j:j + bc] - v[j:j + bc], dim=1).double().square()
-    return out
-
-
-def sorted_column_map(U: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """g[j] = kernel(S)[j - start] where S [b, n] holds a block of columns of U, each sorted ascending.
+def sorted_column_map(U: torch.Tensor, kernel: Callable[[np.ndarray], np.ndarray],
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+    """g[j] = kernel(S)[j - start] where S [b, n] (numpy) holds a block of columns of U (of its
+    ``rows`` when given), each sorted ascending, on worker threads.
 
     NaN sorts last (as +inf would), so up to the trimmed count of NaN rows cannot reach the result.
-    U is never modified: each block is sorted in a copy.
+    U is never modified: each block is transposed into a buffer of its own and sorted there.
     """
-    n, d = U.shape
-    out = torch.empty(d, dtype=U.dtype, device=U.device)
-    if U.device.type != "cpu":
-        bc = max(1, (64 << 20) // (U.element_size() * n))
-        for j in range(0, d, bc):
-            out[j:j + bc] = kernel(torch.sort(U[:, j:j + bc].T, dim=1).values)
-        return out
-    A = U.numpy()
-    bc = max(64, _BLOCK_BYTES // (A.itemsize * n))
+    A = U.detach().numpy() if U.device.type == "cpu" and U.dtype in (torch.float32, torch.float64) \
+        else readable(U)
+    r = None if rows is None else rows.cpu().numpy()
+    n, d = (A.shape[0] if r is None else len(r)), A.shape[1]
+    out = np.empty(d, dtype=A.dtype)
+    bc = max(64, _BLOCK_BYTES // (A.itemsize * max(n, 1)))
+    tasks, _ = column_tasks(d, n, A.itemsize, block=bc)
 
-    def work(start: int, stop: int) -> None:
-        for j in range(start, stop, bc):
-            e = min(j + bc, stop)
-            # always a copy: when the block is already contiguous (d = 1, a column-major U),
-            # ascontiguousarray would hand back a view and the sort would shuffle the caller's rows
-            S = np.array(A[:, j:e].T, order="C", copy=True)
+    def work(t):
+        buf = np.empty((bc, n), dtype=A.dtype)
+        tmp = np.empty((n, bc), dtype=A.dtype) if r is not None else None
+        for j in range(t[0], t[1], bc):
+            e = min(j + bc, t[1])
+            S = buf[:e - j]
+            if r is None:
+                S[...] = A[:, j:e].T
+            else:
+                np.take(A[:, j:e], r, axis=0, out=tmp[:, :e - j])
+                S[...] = tmp[:, :e - j].T
             S.sort(axis=1)
-            out[j:e] = kernel(torch.from_numpy(S))
+            out[j:e] = kernel(S)
 
-    threads = max(1, min(torch.get_num_threads(), math.ceil(d / bc)))
-    if threads == 1:
-        work(0, d)
-        return out
-    chunk = math.ceil(math.ceil(d / threads) / bc) * bc
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda s: work(s, min(s + chunk, d)), range(0, d, chunk)))
-    return out
+    run_chunks(tasks, work)
+    return torch.from_numpy(out).to(device=U.device, dtype=U.dtype)
 
 
 def honest_majority(name: str, n: int, f: int) -> None:
@@ -164,9 +170,38 @@ def honest_majority(name: str, n: int, f: int) -> None:
     require_rows(name, n, 2 * f + 1, "n > 2f", f)
 
 
-def median_kernel(n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def median_kernel(n: int) -> Callable[[np.ndarray], np.ndarray]:
     lo, hi = (n - 1) // 2, n // 2
-    return lambda S: (S[:, lo] + S[:, hi]) * 0.5
+    return lambda S: (S[:, lo] + S[:, hi]) * S.dtype.type(0.5)
+
+
+def bulyan_kernel(theta: int, beta: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Mean of the beta values closest to the median of each sorted row s of S [b, theta]: the
+    window [a, a + beta) where a counts the shifts that do not move it away from the median. For
+    sorted values, |s[a + beta] - med| <= |s[a] - med| exactly when s[a] + s[a + beta] <= 2 med
+    (up to equal values, whose order does not change the sum); these sums grow with a, so the
+    shifts that qualify are a prefix. Sums of two float32 values are exact in float64, so the
+    choice is exact; equal distances on the two sides of the median (a tie the float64
+    reference breaks by row order) go to the right."""
+    W = theta - beta + 1
+    lo_m, hi_m = (theta - 1) // 2, theta // 2
+
+    def kernel(S: np.ndarray) -> np.ndarray:
+        if W > 1:
+            two_med = S[:, lo_m].astype(np.float64) + S[:, hi_m]
+            pair = S[:, :W - 1].astype(np.float64)
+            pair += S[:, beta:beta + W - 1]
+            start = np.count_nonzero(pair <= two_med[:, None], axis=1)
+        else:
+            start = np.zeros(S.shape[0], dtype=np.int64)
+        flat = S.reshape(-1)
+        at = np.arange(S.shape[0]) * theta + start
+        acc = np.zeros(S.shape[0], dtype=S.dtype)
+        for k in range(beta):  # beta gathers of one value per row beat one [b, beta] gather
+            acc += flat[at + k]
+        return acc / S.dtype.type(beta)
+
+    return kernel
 
 
 def krum_scores(D: torch.Tensor, f: int) -> torch.Tensor:
@@ -180,6 +215,184 @@ def krum_scores(D: torch.Tensor, f: int) -> torch.Tensor:
     return torch.topk(E, k, dim=1, largest=False).values.sum(1)
 
 
+# ----------------------------------------------------------------------------- exact choices
+
+def _krum_bounds(dist: Distances, k: int):
+    """Per row: the Krum score from the approximate distances, and bounds lo <= true <= hi."""
+    inf = math.inf
+    Dm = dist.D.clone()
+    Dm.fill_diagonal_(inf)
+    vals, nb = torch.topk(Dm, k, dim=1, largest=False)
+    s = vals.sum(1)
+    hi = s + dist.E.gather(1, nb).sum(1)
+    L = dist.D - dist.E
+    L.fill_diagonal_(inf)
+    lo = torch.topk(L, k, dim=1, largest=False).values.sum(1)
+    return s, lo, hi
+
+
+def krum_choice(dist: Distances, k: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, keep): the m rows with the lowest Krum scores (sum of the k smallest distances to
+    other rows; ties to the lower index), exactly as float64 distances rank them. A row is in for
+    sure when fewer than m rows can score below it within the bounds, out for sure when m rows
+    surely do; the rows left open are re-checked in float64 until only exact rows remain open."""
+    n = dist.n
+    while True:
+        s, lo, hi = _krum_bounds(dist, k)
+        if m >= n:
+            return s, torch.ones(n, dtype=torch.bool)
+        can = lo[None, :] <= hi[:, None]  # [j, i]: row i may rank before row j
+        can.fill_diagonal_(False)
+        sure = hi[None, :] < lo[:, None]
+        sure.fill_diagonal_(False)
+        sure_in, sure_out = can.sum(1) < m, sure.sum(1) >= m
+        open_ = ~sure_in & ~sure_out
+        todo = open_ & ~dist.exact
+        cand = torch.nonzero(open_).flatten()
+        twins = len(cand) > 1 and dist.identical(cand)
+        if not bool(todo.any()) or twins:
+            break
+        dist.refine(torch.nonzero(todo).flatten())
+    keep = sure_in.clone()
+    slots = m - int(keep.sum())
+    if slots > 0 and len(cand):  # exact scores decide, or copies of one row: the index does
+        order = torch.arange(len(cand)) if twins else torch.argsort(s[cand], stable=True)
+        keep[cand[order[:slots]]] = True
+    return s, keep
+
+
+class _Windows:
+    """Each row's Krum window over the remaining rows R, updated as rows leave: ``order`` sorts
+    each row's distances (self last), ``t`` is the position of the k-th remaining one, ``score``
+    the sum up to it. Removing a row moves each ``t`` by a step or two, so the whole iterated
+    selection costs O(n^2) after one sort."""
+
+    def __init__(self, D: torch.Tensor, R: torch.Tensor, k: int):
+        n = D.shape[0]
+        Dm = D.clone()
+        Dm.fill_diagonal_(math.inf)
+        self.vals, self.order = torch.sort(Dm, dim=1, stable=True)
+        self.ar = torch.arange(n)
+        self.pos = torch.empty_like(self.order)
+        self.pos.scatter_(1, self.order, self.ar.expand(n, n).contiguous())
+        valid = R[self.order] & (self.order != self.ar[:, None])
+        self.t = (valid.cumsum(1) >= k).int().argmax(1)
+        win = valid & (self.ar[None, :] <= self.t[:, None])
+        self.score = torch.where(win, self.vals, 0.0).sum(1)
+        self.n = n
+
+    def _scan(self, rows: torch.Tensor, start: torch.Tensor, R: torch.Tensor, step: int) -> torch.Tensor:
+        """Per row, the nearest position beyond ``start`` (in direction ``step``) of a remaining
+        row other than itself."""
+        out = torch.empty_like(start)
+        todo = torch.arange(len(rows))
+        cur = start.clone()
+        offs = torch.arange(1, 9) * step
+        while len(todo):
+            q = cur[todo, None] + offs[None, :]
+            inb = (q >= 0) & (q < self.n)
+            if not bool(inb.any()):
+                raise RuntimeError("bulyan: internal error, a Krum window ran out of rows")
+            rr = rows[todo, None]
+            cols = self.order[rr, q.clamp(0, self.n - 1)]
+            ok = inb & R[cols] & (cols != rr)
+            has = ok.any(1)
+            first = ok.int().argmax(1)
+            out[todo[has]] = q[has, first[has]]
+            cur[todo[~has]] = q[~has, -1]
+            todo = todo[~has]
+        return out
+
+    def remove(self, x: int, R: torch.Tensor, k: int, k2: int) -> None:
+        """Row x has left R (already cleared); the window size goes from k to k2."""
+        rows = torch.nonzero(R).flatten()
+        px, t = self.pos[rows, x], self.t[rows]
+        inwin = px <= t
+        dx = self.vals[rows, px]
+        if k2 == k - 1:
+            self.score[rows] -= torch.where(inwin, dx, self.vals[rows, t])
+            move = ~inwin | (px == t)
+            if bool(move.any()):
+                t[move] = self._scan(rows[move], t[move], R, -1)
+        elif k2 == k and bool(inwin.any()):
+            r = rows[inwin]
+            nt = self._scan(r, t[inwin], R, 1)
+            self.score[r] += self.vals[r, nt] - dx[inwin]
+            t[inwin] = nt
+        self.t[rows] = t
+
+    def fresh(self, cand: torch.Tensor, D: torch.Tensor, R: torch.Tensor, k: int) -> torch.Tensor:
+        """The candidates' scores summed afresh (no drift from the updates)."""
+        sub = D[cand].clone()
+        sub[:, ~R] = math.inf
+        sub[torch.arange(len(cand)), cand] = math.inf
+        return torch.topk(sub, k, dim=1, largest=False).values.sum(1)
+
+
+def iterated_krum(dist: Distances, f: int, theta: int) -> tuple[torch.Tensor, list[int]]:
+    """Bulyan's selection: theta rounds of Krum (window max(r - f - 2, 1) over the r rows left),
+    each removing its choice. Returns the first round's scores and the rows in the order chosen.
+    Each round's choice is certain within the distances' bounds, or re-checked in float64."""
+    n = dist.n
+    R = torch.ones(n, dtype=torch.bool)
+    chosen: list[int] = []
+    first = None
+    state = None
+    emax = dist.E.max(1).values
+    while len(chosen) < theta:
+        r = n - len(chosen)
+        if r == 1:
+            chosen.append(int(torch.nonzero(R)[0]))
+            break
+        k = min(max(r - f - 2, 1), r - 1)
+        if state is None:
+            state = _Windows(dist.D, R, k)
+        s = torch.where(R, state.score, math.inf)
+        best = int(torch.argmin(s))
+        err = k * emax + 1e-12 * s.abs().nan_to_num(0.0, 0.0, 0.0)
+        cand = R & (s - err <= s[best] + err[best])
+        if int(cand.sum()) > 1 and not dist.identical(torch.nonzero(cand).flatten()):
+            todo = cand & ~dist.exact
+            if bool(todo.any()):
+                dist.refine(torch.nonzero(todo).flatten())
+                state, emax = None, dist.E.max(1).values
+                continue
+            c = torch.nonzero(cand).flatten()
+            best = int(c[int(torch.argmin(state.fresh(c, dist.D, R, k)))])
+        elif int(cand.sum()) > 1:  # copies of one row: the lowest index
+            best = int(torch.nonzero(cand)[0])
+        if first is None:
+            first = state.score.clone()
+        chosen.append(best)
+        R[best] = False
+        if r - 1 >= 2:
+            state.remove(best, R, k, min(max(r - 1 - f - 2, 1), r - 2))
+    if first is None:
+        first = torch.zeros(n, dtype=torch.float64)
+    return first, chosen
+
+
+def nearest_sets(dist: Distances, k: int) -> torch.Tensor:
+    """[n, k]: each row's k nearest rows, itself first, ties to the lower index, exactly as
+    float64 distances order them (rows whose k-th and (k+1)-th neighbours the bounds cannot
+    separate are re-checked in float64)."""
+    n = dist.n
+    while k < n:
+        D = dist.D.clone()
+        D.fill_diagonal_(-1.0)
+        nb = torch.topk(D, k, dim=1, largest=False).indices
+        inset = torch.zeros(n, n, dtype=torch.bool).scatter_(1, nb, True)
+        hi_in = torch.where(inset, D + dist.E, -math.inf).max(1).values
+        lo_out = torch.where(inset, math.inf, D - dist.E).min(1).values
+        todo = (hi_in >= lo_out) & ~dist.exact
+        if not bool(todo.any()):
+            break
+        dist.refine(torch.nonzero(todo).flatten())
+    D = dist.D.clone()
+    D.fill_diagonal_(-1.0)
+    return torch.sort(D, dim=1, stable=True).indices[:, :k]
+
+
 # ----------------------------------------------------------------------------- aggregators
 
 class Mean(Aggregator):
@@ -188,9 +401,9 @@ class Mean(Aggregator):
     name = "mean"
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, wa, idx = prepare(self.name, U, w)
+        U, wa, idx, rows = prepare_rows(self.name, U, w)
         coef = wa.double() / wa.double().sum()
-        g = finite_or_raise(self.name, combine(coef, Ua))
+        g = finite_or_raise(self.name, combine(coef, U, rows))
         return g, make_report(self.name, U.shape[0], idx, scores=coef)
 
 
@@ -204,9 +417,9 @@ class Median(Aggregator):
         self.f = check_nonneg_int(self.name, "f", f)
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w)
-        honest_majority(self.name, Ua.shape[0], self.f)
-        g = finite_or_raise(self.name, sorted_column_map(Ua, median_kernel(Ua.shape[0])))
+        U, _, idx, rows = prepare_rows(self.name, U, w)
+        honest_majority(self.name, len(idx), self.f)
+        g = finite_or_raise(self.name, sorted_column_map(U, median_kernel(len(idx)), rows))
         return g, make_report(self.name, U.shape[0], idx, f=self.f)
 
     def __repr__(self):
@@ -223,10 +436,10 @@ class TrimmedMean(Aggregator):
         self.f = check_nonneg_int(self.name, "f", f)
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w)
-        n, f = Ua.shape[0], self.f
+        U, _, idx, rows = prepare_rows(self.name, U, w)
+        n, f = len(idx), self.f
         honest_majority(self.name, n, f)
-        g = sorted_column_map(Ua, lambda S: S[:, f:n - f].sum(1) / (n - 2 * f))
+        g = sorted_column_map(U, lambda S: S[:, f:n - f].sum(1) / S.dtype.type(n - 2 * f), rows)
         return finite_or_raise(self.name, g), make_report(self.name, U.shape[0], idx, f=f)
 
     def __repr__(self):
@@ -235,8 +448,10 @@ class TrimmedMean(Aggregator):
 
 class Krum(Aggregator):
     """Krum / Multi-Krum (Blanchard et al. 2017): score each row by the summed squared distance to
-    its n - f - 2 nearest rows, average the m rows with the lowest scores (Krum: m = 1). Needs
-    n > 2f + 2. Scores in the report are the Krum scores."""
+    its n - f - 2 nearest rows, average the m rows with the lowest scores (Krum: m = 1; ties go to
+    the lower index). Needs n > 2f + 2. Scores in the report are the Krum scores (float64 for the
+    rows re-checked near the choice, from the float32 Gram matrix elsewhere: relative error about
+    1e-6); ``info['rechecked']`` counts the rows re-checked in float64."""
 
     def __init__(self, f: int, m: int | None = 1, name: str = "krum"):
         self.name = name
@@ -244,19 +459,18 @@ class Krum(Aggregator):
         self.m = None if m is None else check_int(name, "m", m)
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w)
-        n, f = Ua.shape[0], self.f
+        U, _, idx, rows = prepare_rows(self.name, U, w)
+        n, f = len(idx), self.f
         require_rows(self.name, n, 2 * f + 3, "n > 2f + 2", f)
         m = n - f if self.m is None else self.m
         if m > n:
             raise PhalanxError(f"{self.name}: m must be <= the number of active clients, "
                                f"got m={m}, n={n}")
-        scores = krum_scores(pairwise_sq_dists(Ua), f)
-        chosen = torch.argsort(scores, stable=True)[:m]
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[chosen.cpu()] = True
-        g = finite_or_raise(self.name, combine(keep.double() / m, Ua))
-        return g, make_report(self.name, U.shape[0], idx, scores, keep, "not_selected", f=f, m=m)
+        dist = Distances(U, rows)
+        scores, keep = krum_choice(dist, min(max(n - f - 2, 1), n - 1), m)
+        g = finite_or_raise(self.name, combine(keep.double() / m, U, idx))
+        return g, make_report(self.name, U.shape[0], idx, scores, keep, "not_selected", f=f, m=m,
+                              rechecked=dist.refined)
 
     def __repr__(self):
         return f"Krum(name={self.name!r}, f={self.f}, m={self.m})"
@@ -264,7 +478,8 @@ class Krum(Aggregator):
 
 class Bulyan(Aggregator):
     """Bulyan (El Mhamdi et al. 2018): pick theta = n - 2f rows by iterated Krum, then average, per
-    coordinate, the beta = theta - 2f values closest to the median. Needs n >= 4f + 3."""
+    coordinate, the beta = theta - 2f values closest to the median. Needs n >= 4f + 3. Report
+    scores: the first round's Krum scores."""
 
     name = "bulyan"
 
@@ -272,38 +487,30 @@ class Bulyan(Aggregator):
         self.f = check_nonneg_int(self.name, "f", f)
 
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w)
-        n, f = Ua.shape[0], self.f
+        U, _, idx, rows = prepare_rows(self.name, U, w)
+        n, f = len(idx), self.f
         require_rows(self.name, n, 4 * f + 3, "n >= 4f + 3", f)
         theta, beta = n - 2 * f, n - 4 * f
-        D = pairwise_sq_dists(Ua).cpu()
-        first = krum_scores(D, f)
-        remaining, chosen = list(range(n)), []
-        for _ in range(theta):  # theta Krum rounds on the small [n, n] matrix, not on [n, d]
-            r = torch.tensor(remaining)
-            best = remaining[int(torch.argmin(krum_scores(D[r][:, r], f)))]
-            chosen.append(best)
-            remaining.remove(best)
-        chosen_t = torch.tensor(sorted(chosen))
-        sel = Ua[chosen_t.to(Ua.device)]
-        windows = torch.arange(beta)
-
-        def kernel(S: torch.Tensor) -> torch.Tensor:
-            med = (S[:, (theta - 1) // 2] + S[:, theta // 2]) * 0.5
-            W = theta - beta + 1  # candidate windows of beta consecutive sorted values
-            cost = torch.maximum(med[:, None] - S[:, :W], S[:, beta - 1:beta - 1 + W] - med[:, None])
-            start = torch.argmin(cost, dim=1)
-            cols = start[:, None] + windows.to(S.device)[None, :]
-            return S.gather(1, cols).sum(1) / beta
-
-        g = finite_or_raise(self.name, sorted_column_map(sel, kernel))
+        # float64 distances: the n - 2f rounds meet near-ties between honest rows so often (their
+        # scores differ by ~1e-5 at d = 1e6) that re-checking float32 ones costs more
+        dist = Distances(U, rows, float64=True)
+        first, chosen = iterated_krum(dist, f, theta)
+        chosen_t = torch.tensor(sorted(chosen), dtype=torch.long)
+        g = sorted_column_map(U, bulyan_kernel(theta, beta), idx[chosen_t])
         keep = torch.zeros(n, dtype=torch.bool)
         keep[chosen_t] = True
-        return g, make_report(self.name, U.shape[0], idx, first, keep, "not_selected",
-                              f=f, theta=theta, beta=beta)
+        return finite_or_raise(self.name, g), make_report(
+            self.name, U.shape[0], idx, first, keep, "not_selected", f=f, theta=theta, beta=beta,
+            rechecked=dist.refined)
 
     def __repr__(self):
         return f"Bulyan(f={self.f})"
+
+
+def use_gram(n: int, passes: int) -> bool:
+    """Whether iterating on coefficients over the Gram matrix (about n / 20 passes' worth of
+    work, measured) beats ``passes`` passes over U."""
+    return n <= 20 * passes
 
 
 class GeoMed(Aggregator):
@@ -313,7 +520,11 @@ class GeoMed(Aggregator):
     relative change of the objective; with far-away outliers that objective is huge and stops
     too early, so the step size is used instead.) Report scores: the final normalised b_i;
     ``info['objective']`` is sum_i w_i |v - U_i| / sum_i w_i. f is only checked: the geometric
-    median's breakdown point is 1/2 (Pillutla et al.), so it needs n > 2f."""
+    median's breakdown point is 1/2 (Pillutla et al.), so it needs n > 2f.
+
+    With few rows the iterations run on coefficients over the Gram matrix; the last step is then
+    redone with exact distances and the stopping rule checked on it (iterating further over U
+    when it fails), so the result meets the same rule as iterating over U throughout."""
 
     name = "geomed"
 
@@ -325,24 +536,61 @@ class GeoMed(Aggregator):
             raise PhalanxError(f"geomed: tol must be a number >= 0, got {tol!r}")
         self.tol = float(tol)
 
-    def __call__(self, U, w, ctx: RoundContext):
-        Ua, wa, idx = prepare(self.name, U, w)
-        honest_majority(self.name, Ua.shape[0], self.f)
-        alpha = wa.double() / wa.double().sum()
-        v = combine(alpha, Ua)
+    def _gram_phase(self, U, rows, alpha):
+        """Weiszfeld on coefficients over the Gram matrix: (beta, steps, Gram), or None when a
+        row has NaN/inf values."""
+        n = len(alpha)
+        gram = Gram(U, rows, extras=[torch.zeros(U.shape[1], dtype=U.dtype)])
+        if bool(gram.bad.any()):
+            return None
+        G, o = gram.G, n  # the last point is the origin
+        Gx, g_o = G[:n, :n], G[:n, o]
+        diag = Gx.diagonal()
         beta, steps = alpha, 0
         for steps in range(1, self.iterations + 1):
-            dist = row_sq_dists(Ua, v).sqrt()
+            Gb = Gx @ beta
+            dist = (diag - 2 * Gb + beta @ Gb).clamp_min(0).sqrt()
+            new = alpha / dist.clamp_min(self.nu)
+            new = new / new.sum()
+            step = new - beta
+            moved = float((step @ Gx @ step).clamp_min(0).sqrt())
+            vnorm = float((new @ Gx @ new - 2 * new @ g_o + G[o, o]).clamp_min(0).sqrt())
+            beta = new
+            if moved <= self.tol * vnorm:
+                break
+        return beta, steps, Gx
+
+    def __call__(self, U, w, ctx: RoundContext):
+        U, wa, idx, rows = prepare_rows(self.name, U, w)
+        honest_majority(self.name, len(idx), self.f)
+        alpha = wa.double().cpu() / wa.double().sum().cpu()
+        steps, budget, Gx = 0, self.iterations, None
+        fast = self._gram_phase(U, rows, alpha) if use_gram(len(idx), 2 * min(self.iterations, 10)) else None
+        if fast is not None:
+            beta, steps, Gx = fast
+            budget = max(1, self.iterations - steps)
+        else:  # many rows, or rows with NaN/inf values: iterate over U throughout
+            beta = alpha
+        v = combine(beta, U, rows)
+        done, converged = 0, False
+        for done in range(1, budget + 1):  # over U: exact distances
+            dist = row_sq_dists(U, v, rows).sqrt()
             beta = alpha / dist.clamp_min(self.nu)
             beta = beta / beta.sum()
-            new = combine(beta, Ua)
+            new = combine(beta, U, rows)
             moved = float(torch.linalg.vector_norm((new - v).double()))
             v = new
             if moved <= self.tol * float(torch.linalg.vector_norm(v.double())):
+                converged = True
                 break
-        obj = float((alpha * row_sq_dists(Ua, v).sqrt()).sum())
+        if Gx is not None and converged and done == 1:  # v = sum beta_i U_i: distances from the Gram
+            Gb = Gx @ beta
+            far = (Gx.diagonal() - 2 * Gb + beta @ Gb).clamp_min(0).sqrt()
+        else:
+            far = row_sq_dists(U, v, rows).sqrt()
+        obj = float((alpha * far).sum())
         g = finite_or_raise(self.name, v)
-        return g, make_report(self.name, U.shape[0], idx, beta, iterations=steps, objective=obj)
+        return g, make_report(self.name, U.shape[0], idx, beta, iterations=steps + done, objective=obj)
 
     def __repr__(self):
         return f"GeoMed(iterations={self.iterations}, nu={self.nu}, tol={self.tol}, f={self.f})"
@@ -356,7 +604,8 @@ class CenteredClipping(Aggregator):
     distance of the rows to the current center, so it follows the scale of the updates (our choice:
     the paper tunes a fixed tau). f is only checked: the paper's guarantee is for a Byzantine
     fraction delta = f / n well under 1/2, and no aggregator survives delta >= 1/2, so it needs
-    n > 2f (we refuse only what no tau can rescue)."""
+    n > 2f (we refuse only what no tau can rescue). With few rows the iterations run on
+    coefficients over the Gram matrix of the rows and the center (one pass over U at the end)."""
 
     name = "centered_clipping"
 
@@ -366,27 +615,45 @@ class CenteredClipping(Aggregator):
         self.iterations = check_int(self.name, "iterations", iterations)
         self.center: torch.Tensor | None = None
 
+    def _step(self, dist: torch.Tensor):
+        tau = float(dist.median()) if self.tau == "auto" else self.tau
+        scale = torch.where(dist > tau, tau / dist.clamp_min(1e-300), torch.ones_like(dist))
+        return tau, scale, int((dist > tau).sum())
+
     def __call__(self, U, w, ctx: RoundContext):
-        Ua, _, idx = prepare(self.name, U, w)
-        n, d = Ua.shape
+        U, _, idx, rows = prepare_rows(self.name, U, w)
+        n, d = len(idx), U.shape[1]
         honest_majority(self.name, n, self.f)
         if self.center is None:
-            v = torch.zeros(d, dtype=Ua.dtype, device=Ua.device)
+            v0 = torch.zeros(d, dtype=U.dtype, device=U.device)
         elif self.center.numel() != d:
             raise PhalanxError(f"{self.name}: the stored center has d={self.center.numel()}, "
                                f"got updates with d={d}")
         else:
-            v = self.center.to(device=Ua.device, dtype=Ua.dtype)
-        first = None
-        clipped = 0
-        for _ in range(self.iterations):
-            dist = row_sq_dists(Ua, v).sqrt()
-            first = dist if first is None else first
-            tau = float(dist.median()) if self.tau == "auto" else self.tau
-            scale = torch.where(dist > tau, tau / dist.clamp_min(1e-300), torch.ones_like(dist))
-            clipped = int((dist > tau).sum())
-            # v + mean_i s_i (U_i - v) = (1 - mean(s)) v + mean_i s_i U_i
-            v = (1.0 - float(scale.mean())) * v + combine(scale / n, Ua)
+            v0 = self.center.to(device=U.device, dtype=U.dtype)
+        first, tau, clipped = None, None, 0
+        gram = Gram(U, rows, extras=[v0]) if use_gram(n, 2 * self.iterations) else None
+        if gram is not None and not bool(gram.bad.any()):
+            G = gram.G  # points: the rows, then v0
+            theta = torch.zeros(n + 1, dtype=torch.float64)
+            theta[n] = 1.0  # v = sum_j theta_j p_j, coefficients summing to 1
+            diag = G.diagonal()[:n]
+            for _ in range(self.iterations):
+                Gt = G[:n] @ theta
+                dist = (diag - 2 * Gt + theta @ G @ theta).clamp_min(0).sqrt()
+                first = dist if first is None else first
+                tau, scale, clipped = self._step(dist)
+                theta = (1.0 - float(scale.mean())) * theta
+                theta[:n] += scale / n
+            v = combine(theta[:n], U, rows) + float(theta[n]) * v0
+        else:
+            v = v0
+            for _ in range(self.iterations):
+                dist = row_sq_dists(U, v, rows).sqrt()
+                first = dist if first is None else first
+                tau, scale, clipped = self._step(dist)
+                # v + mean_i s_i (U_i - v) = (1 - mean(s)) v + mean_i s_i U_i
+                v = (1.0 - float(scale.mean())) * v + combine(scale / n, U, rows)
         g = finite_or_raise(self.name, v)
         self.center = g.detach().clone()
         return g, make_report(self.name, U.shape[0], idx, first, tau=tau,

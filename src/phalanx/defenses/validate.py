@@ -3,11 +3,13 @@
 ``collect_updates`` builds the [n, d] matrix from whatever clients sent (wrong sizes and dtypes
 become zero rows with a reason); the ``validate`` layer then rejects non-finite rows and rows
 whose norm is far outside the round's distribution (a robust z-score on norms, with the median
-and the median absolute deviation).
+and the median absolute deviation). One pass over U finds both (a row's squared norm is finite
+exactly when its values are); U itself is passed on, uncopied, unless a row must be zeroed.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 from ..context import RoundContext
 from ..errors import PhalanxError
 from ..registry import DEFENSES
+from ..updates import new_matrix, row_sq_norms
 from .base import Layer, Report, check_positive
 
 INGEST_KEY = "ingest_rejections"
@@ -71,11 +74,12 @@ class Validate(Layer):
         for row, why in ctx.extras.get(INGEST_KEY, {}).items():
             report.reject(row, why)
         bad_dtype = not U.dtype.is_floating_point
-        finite = torch.isfinite(U).all(1) if not bad_dtype else torch.zeros(n, dtype=torch.bool)
+        # one pass: a row's squared norm (float64 sums of float32 blocks) is finite iff the row is
+        sq = row_sq_norms(U) if not bad_dtype else torch.full((n,), math.nan, dtype=torch.float64)
+        finite = torch.isfinite(sq)
         for row in torch.nonzero(~finite).flatten().tolist():
             report.reject(row, "bad_dtype" if bad_dtype else "nonfinite")
-        norms = torch.where(finite, torch.nan_to_num(U.double(), 0.0, 0.0, 0.0).norm(dim=1),
-                            torch.zeros(n, dtype=torch.float64))
+        norms = torch.where(finite, sq.clamp_min(0).sqrt(), 0.0)
         ok = torch.tensor([i not in report.reasons for i in range(n)]) & (w > 0)
         z = torch.zeros(n, dtype=torch.float64)
         if self.check_norms and int(ok.sum()) >= self.min_rows_for_norms:
@@ -84,7 +88,11 @@ class Validate(Layer):
                 report.reject(row, "norm_outlier")
         for row in report.reasons:
             w[row] = 0.0
-        U = torch.where(finite[:, None], U, torch.zeros((), dtype=U.dtype)) if not bad_dtype else U
+        if not bad_dtype and not bool(finite.all()):  # a copy with the non-finite rows zeroed
+            out = new_matrix(n, d, U.dtype) if U.device.type == "cpu" else torch.empty_like(U)
+            out.copy_(U)
+            out[~finite.to(out.device)] = 0
+            U = out
         report.scores = z
         report.selected = w > 0
         report.info.update(median_norm=float(norms[ok].median()) if bool(ok.any()) else None)
