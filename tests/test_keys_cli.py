@@ -1,4 +1,5 @@
-"""`phalanx keys`: generate, list and revoke over a PEM folder and a SQLite file; clean errors."""
+"""`phalanx keys`: init, generate, list, revoke and rotate over a signed folder and a SQLite file;
+private keys only where the operator says; clean one-line errors."""
 
 import stat
 
@@ -14,53 +15,91 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PHALANX_ADMIN_KEY", raising=False)
 
 
-def _ok(*args):
-    res = runner.invoke(app, list(args))
+def _ok(*args, env=None):
+    res = runner.invoke(app, list(args), env=env)
     assert res.exit_code == 0, res.output
     return res.output
 
 
 def _fails(*args, match):
     res = runner.invoke(app, list(args))
-    assert res.exit_code == 1, res.output
+    assert res.exit_code != 0, res.output
     lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], res.output
     assert "Traceback" not in res.output
+    if res.exit_code == 1:
+        assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], res.output
+    else:  # typer's own usage error (a missing required option)
+        assert match in res.output, res.output
 
 
-def test_generate_list_revoke_in_a_folder(tmp_path):
-    out = _ok("generate", "bank-a", "bank-b")  # default folder: ./keys
+def _mode(p):
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+ADMIN = ("--admin-key", "admin/admin.key.pem")
+
+
+def test_init_generate_list_revoke_rotate_in_a_folder(tmp_path):
+    out = _ok("init", *ADMIN)  # default folder: ./keys
+    assert "admin fingerprint" in out and _mode(tmp_path / "admin" / "admin.key.pem") == 0o600
+    assert _mode(tmp_path / "keys") == 0o700
+    out = _ok("generate", "bank-a", "bank-b", *ADMIN, "--private-dir", "out")
     assert "bank-a" in out and "bank-b" in out
     for cid in ("bank-a", "bank-b"):
-        assert stat.S_IMODE((tmp_path / "keys" / f"{cid}.key.pem").stat().st_mode) == 0o600
-        assert (tmp_path / "keys" / f"{cid}.pub.pem").exists()
+        assert _mode(tmp_path / "out" / f"{cid}.key.pem") == 0o600
+        assert _mode(tmp_path / "keys" / f"{cid}.pub.pem") == 0o644
+    assert not list((tmp_path / "keys").glob("*.key.pem"))  # no private key in the registry
     reg = KeyRegistry.open(tmp_path / "keys")
     listing = _ok("list", "--dir", "keys")
-    for col in ("client_id", "fingerprint", "revoked", "created"):
+    for col in ("client_id", "fingerprint", "revoked", "created", "signed by admin key", "seq 3"):
         assert col in listing
     assert reg.get("bank-a").fingerprint[:16] in listing
-    _ok("revoke", "bank-a", "--dir", "keys")
+    _ok("revoke", "bank-a", *ADMIN, env={"PHALANX_ADMIN_KEY": "admin/admin.key.pem"})
     rows = {line.split("│")[1].strip(): line for line in _ok("list").splitlines() if "bank-" in line}
     assert "yes" in rows["bank-a"] and "no" in rows["bank-b"]
-    assert KeyRegistry.open(tmp_path / "keys").get("bank-a").revoked
+    old = reg.get("bank-b").fingerprint
+    out = _ok("rotate", "bank-b", "--private-dir", "out", env={"PHALANX_ADMIN_KEY": "admin/admin.key.pem"})
+    assert f"old key {old[:16]} revoked" in out
+    after = KeyRegistry.open(tmp_path / "keys")
+    assert after.get("bank-a").revoked and not after.get("bank-b").revoked
+    assert after.get("bank-b").fingerprint != old and old in after.revoked_fingerprints()
+    pin = after.admin_public_fingerprint
+    assert "bank-b" in _ok("list", "--admin-fingerprint", pin[:16])
+    _fails("list", "--admin-fingerprint", "0" * 16, match="expected 0000000000000000")
 
 
-def test_generate_list_revoke_in_sqlite(tmp_path):
-    _ok("generate", "c1", "c2", "--db", "reg.db", "--private-dir", "private")
-    assert stat.S_IMODE((tmp_path / "private" / "c1.key.pem").stat().st_mode) == 0o600
-    _ok("revoke", "c2", "--db", "reg.db")
+def test_in_sqlite(tmp_path):
+    _ok("init", "--db", "reg.db", *ADMIN)
+    _ok("generate", "c1", "c2", "--db", "reg.db", *ADMIN, "--private-dir", "private")
+    assert _mode(tmp_path / "private" / "c1.key.pem") == 0o600 and _mode(tmp_path / "reg.db") == 0o644
+    _ok("revoke", "c2", "--db", "reg.db", *ADMIN)
     reg = KeyRegistry.open(tmp_path / "reg.db")
     assert [(r.client_id, r.revoked) for r in reg.list()] == [("c1", False), ("c2", True)]
     assert "c2" in _ok("list", "--db", "reg.db")
 
 
-def test_errors_are_one_line_and_exit_1():
-    _ok("generate", "a")
-    _fails("generate", "a", match="client 'a' already has a key")
-    _fails("generate", "../evil", match="client_id: expected")
-    _fails("revoke", "zz", match="unknown client 'zz'; known: a")
+def test_errors_are_one_line_and_exit_1(tmp_path):
+    _ok("init", *ADMIN)
+    _fails("init", *ADMIN, match="keys already exists")
+    _fails("generate", "a", *ADMIN, match="--private-dir")  # required: no default next to the registry
+    _fails("generate", "a", *ADMIN, "--private-dir", "keys", match="inside the registry")
+    _fails("generate", "a", "--private-dir", "out", match="--admin-key")
+    _ok("generate", "a", *ADMIN, "--private-dir", "out")
+    _fails("generate", "a", *ADMIN, "--private-dir", "out", match="client 'a' already has a key")
+    _fails("generate", "../evil", *ADMIN, "--private-dir", "out", match="client_id: expected")
+    _fails("revoke", "zz", *ADMIN, match="unknown client 'zz'; known: a")
     _fails("list", "--db", "missing.db", match="got missing path missing.db")
     _fails("list", "--dir", "keys", "--db", "x.db", match="expected one of --dir or --db, got both")
-    _ok("generate", "a", "--force")
+    _fails("init", "--dir", "k2", "--admin-key", "k2/admin.key.pem", match="inside the registry")
+    (tmp_path / "other.key.pem").write_text("x")
+    (tmp_path / "other.key.pem").chmod(0o600)
+    _fails("revoke", "a", "--admin-key", "other.key.pem", match="expected an unencrypted PEM key")
+    _ok("init", "--dir", "k3", "--admin-key", "admin2.key.pem")
+    _fails("revoke", "a", "--admin-key", "admin2.key.pem", match="admin key given is not the registry's")
+    (tmp_path / "keys").chmod(0o777)
+    _fails("list", match="world-writable")
+    (tmp_path / "keys").chmod(0o700)
+    _ok("generate", "a", *ADMIN, "--private-dir", "out", "--force")

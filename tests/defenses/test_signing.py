@@ -16,7 +16,8 @@ from phalanx.context import simple_round_context
 from phalanx.defenses.base import Aggregator, Report
 from phalanx.defenses.pipeline import Pipeline
 from phalanx.defenses.signing import (MAGIC, REASONS, ClientSigner, Envelope, KeyRegistry, Verify,
-                                      canonical_bytes, load_private_key, row_digest, sign_updates)
+                                      canonical_bytes, fingerprint, load_private_key, public_pem, row_digest,
+                                      sign_updates, write_private_key)
 from phalanx.errors import DataError, IntegrityError, PhalanxError
 from phalanx.registry import DEFENSES
 
@@ -279,28 +280,38 @@ def _same(a: KeyRegistry, b: KeyRegistry):
            [(r.client_id, r.fingerprint, r.revoked, r.created) for r in b.list()]
 
 
-def test_registry_round_trip_through_pem_folder_and_sqlite(tmp_path):
-    reg = KeyRegistry(dir=tmp_path / "keys")
-    priv = {c: reg.generate(c) for c in ("a", "b", "c")}
+ADMIN = ec.generate_private_key(ec.SECP256R1())
+
+
+def _mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_registry_round_trip_through_a_signed_folder_and_sqlite(tmp_path):
+    reg = KeyRegistry(dir=tmp_path / "keys", admin_key=ADMIN)
+    priv = {c: reg.generate(c, private_dir=tmp_path / "private") for c in ("a", "b", "c")}
     reg.revoke("b")
+    assert _mode(tmp_path / "keys") == 0o700 and _mode(tmp_path / "private") == 0o700
     for c in priv:
-        key_file = tmp_path / "keys" / f"{c}.key.pem"
-        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert _mode(tmp_path / "private" / f"{c}.key.pem") == 0o600
+        assert not (tmp_path / "keys" / f"{c}.key.pem").exists()  # never next to the public keys
+        assert _mode(tmp_path / "keys" / f"{c}.pub.pem") == 0o644
         assert (tmp_path / "keys" / f"{c}.pub.pem").read_text().startswith("-----BEGIN PUBLIC KEY")
-    again = KeyRegistry.open(tmp_path / "keys")
+    assert sorted(x.name for x in (tmp_path / "keys").iterdir()) == \
+        ["a.pub.pem", "admin.pub.pem", "b.pub.pem", "c.pub.pem", "registry.json"]
+    again = KeyRegistry.open(tmp_path / "keys")  # reading needs no admin key
     assert _same(reg, again) and [r.revoked for r in again.list()] == [False, True, False]
+    assert again.admin_public_fingerprint == fingerprint(ADMIN.public_key())
 
     db = tmp_path / "keys.db"
     reg.save_sqlite(db)
-    with sqlite3.connect(db) as con:
-        cols = [r[1] for r in con.execute("PRAGMA table_info(client_keys)")]
-    assert cols == ["client_id", "public_pem", "revoked", "created"]
+    assert _mode(db) == 0o644
     from_db = KeyRegistry.open(db)
     assert _same(reg, from_db)
-    assert _same(reg, from_db.save_dir(tmp_path / "copy"))
+    assert _same(reg, from_db.save_dir(tmp_path / "copy", admin_key=ADMIN))
 
     # a private key read back from disk signs updates that the SQLite registry accepts
-    signer = ClientSigner("a", load_private_key(tmp_path / "keys" / "a.key.pem"))
+    signer = ClientSigner("a", load_private_key(tmp_path / "private" / "a.key.pem"))
     U = torch.randn(1, D)
     ctx = simple_round_context(U, extras={"envelopes": [signer.sign(U[0], RUN, 0)]})
     ctx.client_ids = ["a"]
@@ -310,34 +321,135 @@ def test_registry_round_trip_through_pem_folder_and_sqlite(tmp_path):
 @pytest.mark.parametrize("backend", ["dir", "db"])
 def test_revocation_on_disk_reaches_a_running_layer(tmp_path, backend):
     path = tmp_path / ("keys" if backend == "dir" else "keys.db")
-    reg = KeyRegistry(**{backend: path})
-    signer = ClientSigner("a", reg.generate("a", private_dir=tmp_path))
+    reg = KeyRegistry(**{backend: path}, admin_key=ADMIN)
+    signer = ClientSigner("a", reg.generate("a", private_dir=tmp_path / "priv"))
     layer = Verify(str(path), RUN, max_round_lag=1)
     U = torch.randn(1, D)
     for rnd, want in ((0, {}), (1, {0: "revoked_client"})):
         ctx = simple_round_context(U, round=rnd, extras={"envelopes": [signer.sign(U[0], RUN, rnd)]})
         ctx.client_ids = ["a"]
         assert layer(U, torch.ones(1), ctx)[2].reasons == want
-        KeyRegistry.open(path).revoke("a")  # e.g. `phalanx keys revoke a` between rounds
+        KeyRegistry.open(path, admin_key=ADMIN).revoke("a")  # `phalanx keys revoke a` between rounds
 
 
-def test_registry_errors_are_clear(tmp_path):
-    reg = KeyRegistry(dir=tmp_path / "k")
-    reg.generate("a")
+def _layer_round(layer, signer, rnd):
+    U = torch.randn(1, D)
+    ctx = simple_round_context(U, round=rnd, extras={"envelopes": [signer.sign(U[0], RUN, rnd)]})
+    ctx.client_ids = [signer.client_id]
+    _, _, rep = layer(U, torch.ones(1), ctx)
+    return rep
+
+
+def test_deleting_or_editing_files_cannot_unrevoke_anyone(tmp_path):
+    keys = tmp_path / "keys"
+    reg = KeyRegistry(dir=keys, admin_key=ADMIN)
+    signers = {c: ClientSigner(c, reg.generate(c, private_dir=tmp_path / "p")) for c in ("a", "b")}
+    old_state = (keys / "registry.json").read_text()
+    reg.revoke("b")
+    layer = Verify(str(keys), RUN, max_round_lag=5)
+    assert _layer_round(layer, signers["b"], 0).reasons == {0: "revoked_client"}
+    # (1) delete b's public key copy: b is still listed, signed, revoked
+    (keys / "b.pub.pem").unlink()
+    assert KeyRegistry.open(keys).get("b").revoked
+    assert _layer_round(layer, signers["b"], 1).reasons == {0: "revoked_client"}
+    # (2) edit the state by hand to drop the revocation: the signature no longer verifies
+    doc = json.loads((keys / "registry.json").read_text())
+    doc["revoked_clients"], doc["revoked_keys"] = [], []
+    (keys / "registry.json").write_text(json.dumps(doc))
+    with pytest.raises(IntegrityError, match="does not verify with the admin key"):
+        KeyRegistry.open(keys)
+    rep = _layer_round(layer, signers["b"], 2)  # the running layer keeps what it loaded last
+    assert rep.reasons == {0: "revoked_client"} and "does not verify" in rep.info["registry_error"]
+    # (3) delete the signed state: refuse to load, never "no revocations"
+    (keys / "registry.json").unlink()
+    with pytest.raises(IntegrityError, match="registry.json is missing"):
+        KeyRegistry.open(keys)
+    assert _layer_round(layer, signers["b"], 3).reasons == {0: "revoked_client"}
+    # (4) restore the older (validly signed) copy from before the revocation: a running
+    # registry refuses to go back
+    (keys / "registry.json").write_text(old_state)
+    rep = _layer_round(layer, signers["b"], 4)
+    assert rep.reasons == {0: "revoked_client"} and "went back from seq" in rep.info["registry_error"]
+    # (5) replace the admin key and re-sign: refused when the admin key is pinned
+    other = ec.generate_private_key(ec.SECP256R1())
+    KeyRegistry(dir=tmp_path / "forged", admin_key=other).add("b", signers["b"].public_key)
+    for name in ("admin.pub.pem", "registry.json"):
+        (keys / name).write_text((tmp_path / "forged" / name).read_text())
+    with pytest.raises(IntegrityError, match="the admin key was replaced"):
+        KeyRegistry.open(keys, admin_fingerprint=fingerprint(ADMIN.public_key()))
+    rep = _layer_round(layer, signers["b"], 5)
+    assert rep.reasons == {0: "revoked_client"} and "admin key was replaced" in rep.info["registry_error"]
+
+
+def test_rotation_revokes_the_old_key_for_good(tmp_path):
+    keys = tmp_path / "keys"
+    reg = KeyRegistry(dir=keys, admin_key=ADMIN)
+    old = ClientSigner("a", reg.generate("a", private_dir=tmp_path / "p"))
+    old_pub = (keys / "a.pub.pem").read_text()
+    new = ClientSigner("a", reg.rotate("a", private_dir=tmp_path / "p"))
+    assert ClientSigner.from_file("a", tmp_path / "p" / "a.key.pem").public_key.public_numbers() == \
+        new.public_key.public_numbers()
+    layer = Verify(str(keys), RUN, max_round_lag=5)
+    assert not _layer_round(layer, new, 0).reasons
+    assert _layer_round(layer, old, 0).reasons == {0: "bad_signature"}
+    # even if someone puts the old public key back, the signed state says which key is a's
+    (keys / "a.pub.pem").write_text(old_pub)
+    with pytest.raises(IntegrityError, match="a.pub.pem is not the key the signed registry.json lists"):
+        KeyRegistry.open(keys)
+    # a revoked client comes back only with a new key, by the admin's rotation
+    (keys / "a.pub.pem").write_text(public_pem(new.public_key))
+    reg = KeyRegistry.open(keys, admin_key=ADMIN)
+    reg.revoke("a")
+    assert reg.get("a").revoked and _layer_round(layer, new, 1).reasons == {0: "revoked_client"}
+    newer = ClientSigner("a", reg.rotate("a", private_dir=tmp_path / "p"))
+    assert not reg.get("a").revoked and reg.revoked_fingerprints() >= {fingerprint(old.public_key),
+                                                                        fingerprint(new.public_key)}
+    assert not _layer_round(layer, newer, 2).reasons
+
+
+def test_registry_modes_and_errors_are_clear(tmp_path):
+    with pytest.raises(PhalanxError, match="creating .* needs the admin key"):
+        KeyRegistry(dir=tmp_path / "k")
+    reg = KeyRegistry(dir=tmp_path / "k", admin_key=ADMIN)
+    reg.generate("a")  # no private_dir: the private key is returned, written nowhere
+    assert sorted(x.name for x in (tmp_path / "k").iterdir()) == ["a.pub.pem", "admin.pub.pem", "registry.json"]
     with pytest.raises(PhalanxError, match="client 'a' already has a key"):
         reg.generate("a")
     with pytest.raises(PhalanxError, match="client_id: expected .* got '../evil'"):
         reg.generate("../evil")
     with pytest.raises(PhalanxError, match="revoke: unknown client 'zz'; known: a"):
         reg.revoke("zz")
+    with pytest.raises(PhalanxError, match="inside the registry"):
+        reg.generate("b", private_dir=tmp_path / "k")
+    with pytest.raises(PhalanxError, match="inside the registry"):
+        reg.generate("b", private_dir=tmp_path / "k" / "sub")
+    with pytest.raises(PhalanxError, match="changing it needs the admin key"):
+        KeyRegistry.open(tmp_path / "k").revoke("a")
+    with pytest.raises(IntegrityError, match="admin key given is not the registry's"):
+        KeyRegistry.open(tmp_path / "k", admin_key=ec.generate_private_key(ec.SECP256R1())).revoke("a")
     (tmp_path / "k" / "b.pub.pem").write_text("garbage")
-    with pytest.raises(IntegrityError, match="b.pub.pem: expected a PEM public key"):
+    with pytest.raises(IntegrityError, match="b.pub.pem is not the key the signed registry.json lists"):
         KeyRegistry.open(tmp_path / "k")
+    (tmp_path / "k" / "b.pub.pem").unlink()
+    for target, mode in ((tmp_path / "k", 0o777), (tmp_path / "k" / "a.pub.pem", 0o666)):
+        target.chmod(mode)
+        with pytest.raises(IntegrityError, match="is world-writable"):
+            KeyRegistry.open(tmp_path / "k")
+        target.chmod(0o700 if target.is_dir() else 0o644)
+    KeyRegistry.open(tmp_path / "k")
     (tmp_path / "bad.db").write_bytes(b"not a database at all" * 10)
-    with pytest.raises(DataError, match="expected a SQLite file with table client_keys"):
+    with pytest.raises(DataError, match="expected a SQLite file with table registry"):
         KeyRegistry.open(tmp_path / "bad.db")
+    with sqlite3.connect(tmp_path / "old.db") as con:  # a registry from before signed revocations
+        con.execute("CREATE TABLE client_keys (client_id TEXT)")
+    with pytest.raises(DataError, match="re-created with `phalanx keys init`"):
+        KeyRegistry.open(tmp_path / "old.db")
     with pytest.raises(PhalanxError, match="expected dir or db, got both"):
         KeyRegistry(dir=tmp_path / "k", db=tmp_path / "x.db")
+    loose = write_private_key(tmp_path / "loose.key.pem", ADMIN)
+    loose.chmod(0o644)
+    with pytest.raises(IntegrityError, match="mode 0644 lets others read or write it"):
+        load_private_key(loose)
 
 
 # --------------------------------------------------------------- one client, one row per round

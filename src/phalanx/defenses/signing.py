@@ -10,9 +10,9 @@ Implemented here (ECDSA P-256 with SHA-256, FIPS 186-4, through the ``cryptograp
   ``signature``. The signed message (``Envelope.message()``) is ``b"phalanx-envelope-v1\\n"``
   followed by the UTF-8 JSON object of the five fields other than the signature, keys sorted,
   separators ``","`` and ``":"``, ASCII-escaped. The signature is DER-encoded.
-* **KeyRegistry.** Client id -> public key, revoked flag and creation time; in memory, or backed by
-  a folder (``<id>.pub.pem`` + ``<id>.meta.json``; private keys ``<id>.key.pem``, mode 0600) or a
-  SQLite file (table ``client_keys(client_id, public_pem, revoked, created)``).
+* **KeyRegistry** (``phalanx.keys``). Client id -> public key, revoked flag and creation time; in
+  memory, or on disk as a folder or SQLite file whose keys and revocations are signed by an admin
+  key. It never holds a private key.
 * **ClientSigner.** What a client runs, with its own private key: ``sign(row, run_id, round)
   -> Envelope`` (or ``sign_digest`` for a digest it computed itself, such as ``arrays_digest``).
   The server holds public keys only.
