@@ -113,3 +113,16 @@ def test_report_rows_name_the_f_they_assumed(tmp_path):
     res = load_results(Store(tmp_path / "g.db"))
     _, rows, _ = headline(res, summarize(res))
     assert [r[0] for r in rows] == ["mean", "tm (f=1)"]
+
+
+def test_report_has_one_filled_row_per_f_guess(tmp_path):
+    from phalanx.report.tables import headline, load_results, summarize
+
+    g = copy.deepcopy(GRID)
+    g.update(seeds=[0], attacks={"sign": GRID["attacks"]["sign"]}, defenses={"mean": ["mean"], "tm": ["trimmed_mean"]},
+             defense_f=[0, 1])
+    run_grid(parse_grid(g), tmp_path / "g.db", workers=1)
+    res = load_results(Store(tmp_path / "g.db"))
+    _, rows, _ = headline(res, summarize(res))
+    assert [r[0] for r in rows] == ["mean", "tm f=0", "tm f=1"]
+    assert all(r[1] != "-" for r in rows)  # each row found its runs

@@ -139,7 +139,8 @@ def load_results(store: Store, grid: str | None = None) -> Results:
     for g in names:
         for label, a in specs[g]["attacks"].items():
             attacks.setdefault(label, a["family"])
-        defenses += [d for d in specs[g]["defenses"] if d not in defenses]
+        rows = store.db.execute("SELECT DISTINCT defense FROM bench_cells WHERE grid=? ORDER BY rowid", (g,))
+        defenses += [d for (d,) in rows if d not in defenses]  # row labels ('krum f=2' on an f axis)
     runs, failed, missing, cache, scenarios = [], [], 0, {}, []
     q = ("SELECT dataset, partition, byzantine, attack, family, defense, seed, cell FROM bench_cells "
          "WHERE grid=? ORDER BY rowid")
