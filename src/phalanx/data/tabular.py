@@ -89,8 +89,8 @@ def binary_labels(values, positive: Any, where: str, col: str) -> tuple[np.ndarr
                         f"{shown}{', ...' if len(levels) > 5 else ''}")
     if positive is None:
         as_text = {str(v).strip().lower() for v in levels}
-        if as_text == {"0", "1"} or as_text == {"false", "true"}:
-            pos = next(v for v in levels if str(v).strip().lower() in ("1", "true"))
+        if as_text in ({"0", "1"}, {"0.0", "1.0"}, {"false", "true"}):
+            pos = next(v for v in levels if str(v).strip().lower() in ("1", "1.0", "true"))
         else:
             raise DataError(f"{where}: label column {col!r} has values {levels[0]!r} and {levels[1]!r}: set "
                             f"data.positive to the one meaning fraud (the positive class)")
