@@ -25,13 +25,37 @@ them in ``--smoke``), with a fresh instance:
 * ``attackers out``: how many of the f attack rows the rule's report leaves unselected (``-``
   when the rule reports no selection).
 
-    python benchmarks/aggregators.py [--n 100] [--d 1000000] [--repeats 3] [--f F] [--threads T] [--smoke]
+Two more columns time the same rule from other libraries on the same matrix in the same process,
+as multiples of the same floor, when they are installed:
+
+* ``ByzFL`` (EPFL's Byzantine-robust FL library: ``pip install byzfl``; its package imports
+  torchvision and seaborn, which ``pip install byzfl`` pulls in; install it into a scratch venv
+  if you would rather not add those). Same hyperparameters as ours where they differ: its
+  geometric median runs our rule's iteration count with our nu, its centered clipping our 5
+  iterations with the tau ours ended with. It has no Bulyan.
+* ``Flower`` (``flwr``, in the ``dev`` extra): the server-side functions of
+  ``flwr.server.strategy.aggregate`` (``aggregate``, ``aggregate_median``,
+  ``aggregate_trimmed_avg``, ``aggregate_krum``, ``aggregate_bulyan``) over lists of numpy
+  arrays, one per client.
+
+A run that would take longer than ``--budget`` seconds (Flower's per-pair distance loop; ByzFL's
+NNM, which gathers an [n, n - f, d] tensor) is timed on a sample and extrapolated (``~``), or
+skipped with the reason (``oom``: the memory it would need; ``err``: it raised).
+
+The layered default pipeline (configs/layered.yaml's defense list: validate, clip auto,
+sign_filter, nnm, trimmed_mean, reputation) gets a row of its own, ``layered``.
+
+A scaling table follows: the same rules (ours, ByzFL's, Flower's) as multiples of the floor for
+n in {10, 100, 1000} at d = 100,000 (``--no-scaling`` skips it).
+
+    python benchmarks/aggregators.py [--n 100] [--d 1000000] [--repeats 3] [--f F] [--threads T]
+                                     [--budget 30] [--no-scaling] [--smoke]
 
 ``--threads`` sets torch's and the BLAS libraries' thread count for both sides (default: torch's
 default). On a shared machine, many threads mostly measure contention.
 
-The last line is the headline: median and trimmed mean as multiples of the floor, and Krum's
-speed-up over the per-pair reference.
+The last line is the headline: each distance or coordinate-wise rule and the layered pipeline
+as multiples of the floor, and at n = 1000 on how many rules we are faster than ByzFL.
 """
 
 from __future__ import annotations
@@ -153,6 +177,109 @@ class Reference:
             "flame": lambda: ("per-pair cosine", self.pairs() + 2 * self.row_pass()),
         }
         return table[name]() if name in table else None
+
+
+# ----------------------------------------------------------------------------- other libraries
+
+class Timed:
+    """A time in ms, estimated (``~``) or not measured (``oom``, ``err``, ``-``)."""
+
+    def __init__(self, ms: float | None = None, note: str = ""):
+        self.ms, self.note = ms, note
+
+    def text(self, floor: float) -> str:
+        if self.ms is None:
+            return self.note or "-"
+        return f"{'~' if self.note == '~' else ''}{self.ms / floor:.1f}"
+
+
+def _time_external(fn: Callable[[], object], repeats: int, budget_s: float) -> Timed:
+    """Best of ``repeats`` runs, or of fewer when one run takes a good part of the budget."""
+    times = []
+    try:
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            if sum(times) > budget_s / 3:
+                break
+    except Exception as e:  # noqa: BLE001  (a library's own limit, e.g. torch.quantile's size)
+        return Timed(None, f"err:{type(e).__name__}")
+    return Timed(1e3 * min(times))
+
+
+def byzfl_rules(U: torch.Tensor, f: int, ours: dict) -> dict[str, Callable[[], object]] | None:
+    """ByzFL's rule for each of our labels (None when ByzFL is not installed)."""
+    try:
+        import byzfl
+    except Exception:  # noqa: BLE001
+        return None
+    n = U.shape[0]
+    iters = int(ours.get("geomed", {}).get("iterations", 10) or 10)
+    tau = float(ours.get("centered_clipping", {}).get("tau", 1.0) or 1.0)
+    avg = byzfl.Average()
+    rules = {
+        "mean": lambda: avg(U),
+        "median": lambda: byzfl.Median()(U),
+        "trimmed_mean": lambda: byzfl.TrMean(f=f)(U),
+        "krum": lambda: byzfl.Krum(f=f)(U),
+        "multi_krum": lambda: byzfl.MultiKrum(f=f)(U),
+        "geomed": lambda: byzfl.GeometricMedian(nu=1e-6, T=iters)(U),
+        "centered_clipping": lambda: byzfl.CenteredClipping(L=5, tau=tau)(U),
+        "bucketing": lambda: avg(byzfl.Bucketing(s=2)(U)),
+    }
+    need = n * (n - f) * U.shape[1] * U.element_size()  # NNM gathers vectors[indices]: [n, n - f, d]
+    rules["nnm+mean"] = ((lambda: avg(byzfl.NNM(f=f)(U))) if need < _ram() / 4
+                         else Timed(None, f"oom:{need / 2**30:.0f}G"))
+    return rules
+
+
+def _ram() -> float:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
+def flower_rules(U: torch.Tensor, f: int, budget_s: float) -> dict[str, Callable[[], object] | Timed] | None:
+    """Flower's server-side function for each of our labels (None when flwr is missing). Krum and
+    Bulyan compare every pair of clients in a Python loop: past the budget they are timed on a
+    few rows and extrapolated (n^2 pairs; Bulyan's n - 2f Krum rounds on shrinking sets)."""
+    try:
+        from flwr.server.strategy import aggregate as fa
+    except Exception:  # noqa: BLE001
+        return None
+    A = U.numpy()
+    n = A.shape[0]
+    res = [([A[i]], 1) for i in range(n)]
+    theta = n - 2 * f
+    rules: dict[str, Callable[[], object] | Timed] = {
+        "mean": lambda: fa.aggregate(res),
+        "median": lambda: fa.aggregate_median(res),
+        "trimmed_mean": lambda: fa.aggregate_trimmed_avg(res, proportiontocut=f / n),
+    }
+    m = min(n, 6)
+    t0 = time.perf_counter()
+    fa._compute_distances([w for w, _ in res[:m]])
+    pair = (time.perf_counter() - t0) / (m * m)
+    krum_s = pair * n * n
+    bulyan_s = pair * sum(r * r for r in range(n - theta + 1, n + 1))
+    for label, to_keep in (("krum", 0), ("multi_krum", n - f)):
+        rules[label] = ((lambda k=to_keep: fa.aggregate_krum(list(res), f, k)) if krum_s < budget_s
+                        else Timed(1e3 * krum_s, "~"))
+    if 4 * f + 3 <= n:
+        rules["bulyan"] = ((lambda: fa.aggregate_bulyan(list(res), f, fa.aggregate_krum, to_keep=0))
+                           if bulyan_s < budget_s else Timed(1e3 * bulyan_s, "~"))
+    return rules
+
+
+def run_external(rules: dict | None, label: str, repeats: int, budget_s: float) -> Timed:
+    if rules is None or label not in rules:
+        return Timed(None, "-")
+    r = rules[label]
+    return r if isinstance(r, Timed) else _time_external(r, repeats, budget_s)
 
 
 # ----------------------------------------------------------------------------- result checks
@@ -293,40 +420,48 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch/BLAS threads (default: torch's)")
     ap.add_argument("--check-cols", type=int, default=65536,
                     help="columns of the matrix on which results are checked against the references")
+    ap.add_argument("--budget", type=float, default=30.0,
+                    help="seconds past which another library's run is estimated from a sample")
+    ap.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     ap.add_argument("--smoke", action="store_true", help="a tiny size for tests")
     a = ap.parse_args(argv)
+    a.scaling_n, a.scaling_d = (10, 100, 1000), 100_000
     if a.smoke:
         a.n, a.d, a.repeats, a.threads = 12, 4096, 1, 1
+        a.scaling_n, a.scaling_d, a.budget = (10, 20), 2048, 2.0
     threads = a.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     with threadpool_limits(limits=threads):
         run(a)
 
 
-def run(a: argparse.Namespace) -> None:
-    n, d = a.n, a.d
-    f = a.f if a.f is not None else max(0, min(n // 5, (n - 3) // 4))
+LAYERED = ["validate", {"clip": {"max_norm": "auto"}}, "sign_filter", "nnm", "trimmed_mean", "reputation"]
+HEADLINE = ("median", "trimmed_mean", "krum", "multi_krum", "geomed", "centered_clipping", "bulyan",
+            "nnm+mean", "layered")
+SCALING = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "centered_clipping",
+           "bulyan", "nnm+mean")
 
-    gen = torch.Generator().manual_seed(0)
+
+def attacked_matrix(n: int, d: int, f: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
     base = torch.randn(d, generator=gen)
     U = base + torch.randn(n, d, generator=gen)
     U[:f] = -3.0 * base  # a simple attack, so that filters have something to find
-    w = torch.ones(n)
     server = base + 0.5 * torch.randn(d, generator=gen)
-    ref = Reference(U, f, a.repeats)
-    floor = lambda: best_ms(lambda: U.sum(0), max(3, a.repeats))  # noqa: E731
+    return U, server
 
-    print(f"aggregators: n={n}, d={d:,}, f={f}, float32, torch threads={torch.get_num_threads()}, "
-          f"best of {a.repeats}")
-    head = (f"{'name':<20}{'ms':>10}{'x floor':>9}  {'reference':<24}{'ref ms':>11}{'x faster':>10}"
-            f"{'ref err':>10}{'dev/mean':>10}{'attackers out':>15}")
-    print(head)
-    print("-" * len(head))
-    results: dict[str, tuple[float, float, float | None]] = {}
-    checks: dict[str, dict] = {}
-    cols = min(d, a.check_cols)
-    Uc = U[:, :cols].contiguous()
-    for name in DEFENSES.names():
+
+def default_f(n: int) -> int:
+    return max(0, min(n // 5, (n - 3) // 4))
+
+
+def our_calls(U: torch.Tensor, f: int, server: torch.Tensor, names=None):
+    """label -> (call, fresh): timed call on U, and a fresh instance's run on another matrix."""
+    w = torch.ones(U.shape[0])
+    out = {}
+    for name in names or DEFENSES.names():
+        if name == "nnm+mean":
+            name = "nnm"
         try:
             obj = build(name, f)
         except Exception:  # another module's defense that needs parameters we cannot guess
@@ -337,23 +472,53 @@ def run(a: argparse.Namespace) -> None:
                     V, server_update=lambda: s)
                 V2, w2, _ = layer(V, torch.ones(V.shape[0]), ctx)
                 return mean(V2, w2, ctx)
-            label = "nnm+mean"
-        elif isinstance(obj, Aggregator):
-            def fresh(V, s, name=name):
-                return build(name, f)(V, torch.ones(V.shape[0]), simple_round_context(V, server_update=lambda: s))
-            label = name
-        else:
-            continue
-        if isinstance(obj, Layer):
+
             mean = DEFENSES.build("mean")
 
             def call(obj=obj, mean=mean):
                 ctx = simple_round_context(U, server_update=lambda: server)
                 V, w2, _ = obj(U, w, ctx)
                 return mean(V, w2, ctx)
-        else:
+            out["nnm+mean"] = (call, fresh)
+        elif isinstance(obj, Aggregator):
+            def fresh(V, s, name=name):
+                return build(name, f)(V, torch.ones(V.shape[0]), simple_round_context(V, server_update=lambda: s))
+
             def call(obj=obj):
                 return obj(U, w, simple_round_context(U, server_update=lambda: server))
+            out[name] = (call, fresh)
+    return out
+
+
+def layered_call(U: torch.Tensor, f: int):
+    from phalanx.defenses.pipeline import build_defense
+
+    pipe = build_defense(LAYERED, f=f)
+    w = torch.ones(U.shape[0])
+    return lambda: pipe(U, w, simple_round_context(U))
+
+
+def run(a: argparse.Namespace) -> None:
+    n, d = a.n, a.d
+    f = a.f if a.f is not None else default_f(n)
+    U, server = attacked_matrix(n, d, f)
+    ref = Reference(U, f, a.repeats)
+    floor = lambda: best_ms(lambda: U.sum(0), max(3, a.repeats))  # noqa: E731
+
+    print(f"aggregators: n={n}, d={d:,}, f={f}, float32, torch threads={torch.get_num_threads()}, "
+          f"best of {a.repeats}")
+    head = (f"{'name':<20}{'ms':>10}{'x floor':>9}  {'reference':<24}{'ref ms':>11}{'x faster':>10}"
+            f"{'ByzFL x':>9}{'Flower x':>10}{'ref err':>10}{'dev/mean':>10}{'attackers out':>15}")
+    print(head)
+    print("-" * len(head))
+    results: dict[str, tuple[float, float, float | None]] = {}
+    checks: dict[str, dict] = {}
+    infos: dict[str, dict] = {}
+    cols = min(d, a.check_cols)
+    Uc = U[:, :cols].contiguous()
+    calls = our_calls(U, f, server)
+    rows = []
+    for label, (call, fresh) in calls.items():
         fl = floor()
         try:
             out = []
@@ -363,29 +528,93 @@ def run(a: argparse.Namespace) -> None:
             print(f"{label:<20}  skipped: {type(e).__name__}: {e}")
             continue
         report = out[-1][1] if isinstance(out[-1], tuple) else None
+        infos[label] = dict(report.info) if report is not None else {}
+        rows.append((label, ms, fl, chk, report))
+        out.clear()
+    byz = byzfl_rules(U, f, infos)
+    flw = flower_rules(U, f, a.budget)
+    for label, ms, fl, chk, report in rows:
         r = ref.for_rule(label, report)
         ref_txt, ref_ms = (r[0], r[1]) if r else ("-", None)
         results[label] = (ms, ms / fl, ref_ms)
+        bz = run_external(byz, label, a.repeats, a.budget).text(fl)
+        fw = run_external(flw, label, a.repeats, a.budget).text(fl)
         faster = f"{ref_ms / ms:10.1f}" if ref_ms else f"{'-':>10}"
         ref_col = f"{ref_ms:11.1f}" if ref_ms else f"{'-':>11}"
         err = "nonfinite" if not chk["finite"] else f"{chk['err']:.1e}" if chk["err"] is not None else "-"
         att = f"{chk['out']}/{f}" if chk["out"] is not None else "-"
-        print(f"{label:<20}{ms:10.1f}{ms / fl:9.1f}  {ref_txt:<24}{ref_col}{faster}"
+        print(f"{label:<20}{ms:10.1f}{ms / fl:9.1f}  {ref_txt:<24}{ref_col}{faster}{bz:>9}{fw:>10}"
               f"{err:>10}{chk['dev']:>10.3f}{att:>15}")
         checks[label] = chk
-        out.clear()
-
-    def xf(k: str) -> str:
-        return f"{results[k][1]:.1f}x floor" if k in results else "n/a"
-
-    krum = results.get("krum")
-    speed = f"{krum[2] / krum[0]:.0f}x" if krum and krum[2] else "n/a"
+    fl = floor()
+    ms = best_ms(layered_call(U, f), a.repeats)
+    results["layered"] = (ms, ms / fl, None)
+    print(f"{'layered':<20}{ms:10.1f}{ms / fl:9.1f}  {'(layered.yaml defense)':<24}")
     bad = [k for k, c in checks.items() if not c["finite"] or (c["err"] is not None and c["err"] > c["tol"])]
     print(f"results checked on {n} x {cols:,}: {sum(c['err'] is not None for c in checks.values())} rules "
           f"against a float64 reference (tolerance {REF_TOL_DEFAULT:g} of max |U|, geomed "
           f"{REF_TOL['geomed']:g}), " + (f"MISMATCH: {', '.join(bad)}" if bad else "all within tolerance"))
-    print(f"median {xf('median')}, trimmed_mean {xf('trimmed_mean')}; "
-          f"krum {speed} faster than per-pair reference")
+    libs = [name for name, r in (("ByzFL", byz), ("Flower", flw)) if r is None]
+    if libs:
+        print(f"not installed: {', '.join(libs)} (see the module docstring)")
+
+    beats = "ByzFL not installed"
+    if not a.no_scaling:
+        beats = scaling(a)
+    head_x = ", ".join(f"{k} {results[k][1]:.1f}" for k in HEADLINE if k in results)
+    print(f"x floor at n={n}, d={d:,}: {head_x}; {beats}")
+
+
+def scaling(a: argparse.Namespace) -> str:
+    """The scaling table; returns the headline's comparison with ByzFL at the largest n."""
+    ns, d = (a.scaling_n, a.scaling_d)
+    print()
+    print(f"scaling at d={d:,}: ms as a multiple of U.sum(0) on the same matrix "
+          f"(ours / ByzFL / Flower; ~ estimated, - not available)")
+    head = f"{'name':<20}" + "".join(f"{'n=' + str(n):>24}" for n in ns)
+    print(head)
+    print("-" * len(head))
+    table: dict[str, list[str]] = {k: [] for k in SCALING}
+    wins = total = 0
+    for n in ns:
+        f = default_f(n)
+        U, server = attacked_matrix(n, d, f, seed=1)
+        calls = our_calls(U, f, server, SCALING)
+        infos = {}
+        ours = {}
+        for label in SCALING:
+            if label not in calls:
+                ours[label] = None
+                continue
+            fl = best_ms(lambda: U.sum(0), max(3, a.repeats))
+            try:
+                out = []
+                ms = best_ms(lambda: out.append(calls[label][0]()), a.repeats)
+                ours[label] = (ms, fl)
+                rep = out[-1][1] if isinstance(out[-1], tuple) else None
+                infos[label] = dict(rep.info) if rep is not None else {}
+            except Exception as e:  # noqa: BLE001  (a bound the rule refuses at this n)
+                ours[label] = None
+                infos[label] = {"error": type(e).__name__}
+        byz = byzfl_rules(U, f, infos)
+        flw = flower_rules(U, f, a.budget)
+        for label in SCALING:
+            if ours[label] is None:
+                table[label].append(f"{'-':>24}")
+                continue
+            ms, fl = ours[label]
+            tb = run_external(byz, label, a.repeats, a.budget)
+            tf = run_external(flw, label, a.repeats, a.budget)
+            if n == ns[-1] and byz is not None and label in byz:
+                total += 1
+                wins += int(tb.ms is None and tb.note.startswith("oom") or (tb.ms is not None and ms < tb.ms))
+            cell = f"{ms / fl:.1f} / {tb.text(fl)} / {tf.text(fl)}"
+            table[label].append(f"{cell:>24}")
+    for label in SCALING:
+        print(f"{label:<20}" + "".join(table[label]))
+    if total == 0:
+        return "ByzFL not installed"
+    return f"n={ns[-1]}, d={d:,}: faster than ByzFL on {wins}/{total} rules"
 
 
 if __name__ == "__main__":

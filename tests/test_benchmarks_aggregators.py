@@ -2,7 +2,8 @@
 
 Timings are not asserted (machines are noisy). What is asserted, from the benchmark's table:
 
-* every registered aggregator has a row, and none was skipped;
+* every registered aggregator has a row, and none was skipped; the layered pipeline has one;
+* the scaling table has a row per rule with a cell (ours / ByzFL / Flower) per n;
 * every output is finite, and each rule with a float64 reference (mean, median, trimmed mean,
   Krum, Multi-Krum, Bulyan, geometric median, centered clipping, NNM+mean, FLTrust, bucketing)
   agrees with it within 1e-5 of max |U| (1e-3 for the geometric median's stopping rule): float32
@@ -33,7 +34,8 @@ def test_aggregators_benchmark_smoke():
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     header = next(line for line in lines if line.startswith("name"))
-    for col in ("ms", "x floor", "reference", "ref ms", "x faster", "ref err", "dev/mean", "attackers out"):
+    for col in ("ms", "x floor", "reference", "ref ms", "x faster", "ByzFL x", "Flower x", "ref err",
+                "dev/mean", "attackers out"):
         assert col in header, header
     assert not any("skipped" in line for line in lines), res.stdout
     f = int(re.search(r"\bf=(\d+)", lines[0]).group(1))
@@ -52,5 +54,16 @@ def test_aggregators_benchmark_smoke():
         if name not in NOT_ROBUST:
             assert dev < 1.0 or out == f"{f}/{f}", (name, dev, out)
     assert re.search(r"11 rules against a float64 reference .*all within tolerance", res.stdout), res.stdout
-    assert re.fullmatch(r"median \d+\.\dx floor, trimmed_mean \d+\.\dx floor; "
-                        r"krum \d+x faster than per-pair reference", lines[-1]), lines[-1]
+    layered = next(line for line in lines if line.startswith("layered"))
+    assert float(layered.split()[1]) > 0, layered
+    # the scaling table: a row per rule, one cell (ours / ByzFL / Flower) per n
+    at = lines.index(next(line for line in lines if line.startswith("scaling at d=")))
+    scale_rows = {ln.split()[0]: ln for ln in lines[at + 3:] if ln and not ln.startswith("x floor")}
+    assert set(scale_rows) >= {"mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed",
+                               "centered_clipping", "nnm+mean"}, res.stdout
+    for name, line in scale_rows.items():
+        assert len(re.findall(r"(\d+\.\d|-) / \S+ / \S+", line)) == 2, line
+    assert re.fullmatch(r"x floor at n=12, d=4,096: median \d+\.\d, trimmed_mean \d+\.\d, krum \d+\.\d, "
+                        r"multi_krum \d+\.\d, geomed \d+\.\d, centered_clipping \d+\.\d, bulyan \d+\.\d, "
+                        r"nnm\+mean \d+\.\d, layered \d+\.\d; (ByzFL not installed|n=20, d=2,048: faster than "
+                        r"ByzFL on \d+/\d+ rules)", lines[-1]), lines[-1]

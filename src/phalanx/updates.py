@@ -172,8 +172,8 @@ def _rows_block(A: np.ndarray, rows: np.ndarray | None, j: int, e: int, out: np.
 
 def row_sq_dists(U: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """|U_i - v|^2 for each row (of ``rows`` when given), float64 [n], computed directly (no
-    |a|^2 + |b|^2 - 2ab cancellation when v is close to a row): float32 differences summed per
-    block, blocks summed in float64 (relative error about 1e-6)."""
+    |a|^2 + |b|^2 - 2ab cancellation when v is close to a row): float32 differences, squares
+    summed pairwise per block, blocks summed in float64 (relative error about 1e-6)."""
     A = readable(U)
     r = None if rows is None else rows.cpu().numpy()
     n = A.shape[0] if r is None else len(r)
@@ -187,24 +187,30 @@ def row_sq_dists(U: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = N
             e = min(j + bc, t[1])
             X = _rows_block(A, r, j, e, buf[:, :e - j])
             X -= vv[j:e]
-            acc += np.einsum("ij,ij->i", X, X)
+            np.square(X, out=X)
+            acc += X.sum(1)  # pairwise summation along the row
         return acc
 
     return torch.from_numpy(np.sum(run_chunks(tasks, work), axis=0))
 
 
 def row_sq_norms(U: torch.Tensor) -> torch.Tensor:
-    """|U_i|^2 for each row, float64 [n] (blocks of float32 sums, summed in float64); inf or NaN
-    for a row with non-finite values. Rows whose squares overflow float32 are redone in float64."""
+    """|U_i|^2 for each row, float64 [n] (float32 squares summed pairwise per block, blocks summed
+    in float64: relative error about 1e-6); inf or NaN for a row with non-finite values. Rows
+    whose squares overflow float32 are redone in float64."""
     A = readable(U)
     n = A.shape[0]
     tasks, bc = column_tasks(A.shape[1], n, A.itemsize)
 
     def work(t):
         acc = np.zeros(n)
-        for j in range(t[0], t[1], bc):
-            X = A[:, j:min(j + bc, t[1])]
-            acc += np.einsum("ij,ij->i", X, X)
+        buf = np.empty((n, bc), A.dtype)
+        with np.errstate(all="ignore"):  # overflowing rows are redone below
+            for j in range(t[0], t[1], bc):
+                e = min(j + bc, t[1])
+                X = buf[:, :e - j]
+                np.square(A[:, j:e], out=X)
+                acc += X.sum(1)  # pairwise summation along the row
         return acc
 
     out = np.sum(run_chunks(tasks, work), axis=0)
@@ -279,6 +285,11 @@ def _product(X: np.ndarray, Y: np.ndarray | None, kb: int) -> np.ndarray:
     w = X.shape[1]
     full = w // kb * kb
     P = np.zeros((X.shape[0], X.shape[0] if Y is None else Y.shape[0]))
+    with np.errstate(all="ignore"):  # NaN/inf rows and out-of-range blocks are handled by the caller
+        return _product_into(P, X, Y, kb, w, full)
+
+
+def _product_into(P, X, Y, kb, w, full):
     if full:
         X3 = X[:, :full].reshape(X.shape[0], full // kb, kb).transpose(1, 0, 2)
         Y3 = X3 if Y is None else Y[:, :full].reshape(Y.shape[0], full // kb, kb).transpose(1, 0, 2)
@@ -400,12 +411,10 @@ class Gram:
         bad points (0 on the diagonal)."""
         g = self.G.diagonal()
         D = (g[:, None] + g[None, :] - 2.0 * self.G).clamp_min_(0.0)
-        D.fill_diagonal_(0.0)
         if bool(self.bad.any()):
             D[self.bad] = math.inf
             D[:, self.bad] = math.inf
-            D[self.bad, self.bad] = torch.where(torch.eye(int(self.bad.sum()), dtype=torch.bool),
-                                                0.0, math.inf).double()
+        D.fill_diagonal_(0.0)
         return D
 
     def bound(self) -> torch.Tensor:
@@ -481,6 +490,17 @@ class Distances:
         r = i if g.rows is None else int(g.rows[i])
         return g.U[r]
 
+    def _all_float64(self) -> None:
+        """Every distance in float64 (a second Gram, float64 throughout); their bound (about
+        1e-13 of (r_i + r_j)^2) is then treated as exact."""
+        g = self.gram
+        rows = None if g.rows is None else torch.from_numpy(g.rows)
+        g64 = Gram(g.U, rows, center=g.mid if g.center is not None else "origin", float64=True)
+        self.D = g64.sq_dists()
+        self.E = torch.zeros_like(self.D)
+        self.exact[:] = True
+        self.refined = self.n
+
     def identical(self, which: torch.Tensor) -> bool:
         """Whether the rows ``which`` are bit-for-bit copies of one another (their true distances
         to every row, and so their scores under any rule, are then equal)."""
@@ -506,8 +526,11 @@ class Distances:
             groups.append([i, *twins])
             todo.append(i)
             pending = [p for p in pending if p not in twins]
-        rowsD = self.gram.exact_rows(torch.tensor(todo))
         self.passes += 1
+        if len(todo) + self.refined > self.n // 4:  # most rows: one float64 Gram is cheaper
+            self._all_float64()
+            return
+        rowsD = self.gram.exact_rows(torch.tensor(todo))
         self.refined += len(todo)
         for k, grp in enumerate(groups):
             vals = rowsD[k]

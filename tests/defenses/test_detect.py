@@ -289,3 +289,54 @@ def test_rules_without_a_bound_accept_a_byzantine_majority(name):
     H, base = honest_and_base(n=4, d=20)
     g, _ = DEFENSES.build(name, f=3)(H, torch.ones(4), simple_round_context(H, server_update=lambda: base))
     assert bool(torch.isfinite(g).all())
+
+
+# ------------------------------------------------------------------ our MeanShift against scikit-learn's
+
+def _same_partition(a, b):
+    n = len(a)
+    return ((a < 0) == (b < 0)).all() and all((a[i] == a[j]) == (b[i] == b[j])
+                                             for i in range(n) for j in range(n) if a[i] >= 0 and a[j] >= 0)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "two_groups", "rounded", "copies"])
+def test_mean_shift_matches_scikit_learn(kind):
+    import warnings
+
+    from sklearn.cluster import MeanShift
+
+    from phalanx.defenses.detect import estimate_bandwidth, mean_shift_labels
+
+    rng = np.random.default_rng(["uniform", "two_groups", "rounded", "copies"].index(kind))
+    for _ in range(25):
+        n = int(rng.integers(4, 60))
+        if kind == "uniform":
+            X = rng.random((n, 3))
+        elif kind == "two_groups":
+            X = np.concatenate([rng.normal(0.5, 0.01, (n - n // 4, 3)), rng.normal(0.2, 0.01, (n // 4, 3))])
+        elif kind == "rounded":  # many points share grid cells and distances
+            X = np.round(rng.random((n, 3)), 1)
+        else:
+            X = rng.normal(0.5, 0.05, (n, 3))
+            X[: n // 3] = X[0]
+        bw = estimate_bandwidth(X)
+        if not bw > 0:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = MeanShift(bandwidth=bw, bin_seeding=True, cluster_all=False).fit(X).labels_
+        assert _same_partition(mean_shift_labels(X, bw), ref)
+
+
+def test_sign_statistics_match_direct_counts():
+    from phalanx.defenses.detect import sign_statistics
+
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(9, 50000, generator=g)
+    U[:, ::7] = 0
+    rows = torch.tensor([0, 2, 3, 8])
+    feats, k = sign_statistics(U, 0.3, torch.Generator().manual_seed(5), rows)
+    cols = torch.randperm(50000, generator=torch.Generator().manual_seed(5))[:k].sort().values
+    sub = U[rows][:, cols]
+    ref = torch.stack([(sub > 0).double().mean(1), (sub == 0).double().mean(1), (sub < 0).double().mean(1)], 1)
+    assert k == 15000 and np.allclose(feats, ref.numpy(), atol=1e-12)

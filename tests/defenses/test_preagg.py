@@ -227,3 +227,68 @@ def test_bucketing_takes_f_from_a_pipeline_and_passes_it_to_the_inner_rule():
     assert g.shape == (4,)
     with pytest.raises(BoundError, match=r"bucketing\(median\): needs n > 2sf \(s=2\) clients, got n=12, f=3"):
         agg(U[:12], torch.ones(12), simple_round_context(U[:12]))
+
+
+# ------------------------------------------------------------------ NNM's fast path against float64
+
+def nnm_reference(U, f):
+    A = U.double()
+    n = U.shape[0]
+    D = ((A[:, None, :] - A[None, :, :]) ** 2).sum(-1)
+    D.fill_diagonal_(-1.0)
+    near = torch.sort(D, dim=1, stable=True).indices[:, : n - f]
+    return torch.stack([U[near[i]].double().mean(0) for i in range(n)]).float(), near
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nnm_float32_path_matches_float64_neighbour_sets(seed):
+    g = torch.Generator().manual_seed(40 + seed)
+    base = torch.randn(20000, generator=g)
+    U = base + torch.randn(30, 20000, generator=g)
+    U[:6] = -3 * base  # bit-for-bit copies: their neighbour sets are cut inside the honest rows
+    U[6] = U[10] + 2e-4 * torch.randn(20000, generator=g) / 141  # a near tie with row 10
+    # f = 8 > 6 attack rows: the honest rows' cut falls inside the honest rows too
+    V, _, rep = DEFENSES.build("nnm", f=8)(U, torch.ones(30), simple_round_context(U))
+    ref, _ = nnm_reference(U, 8)
+    assert torch.allclose(V, ref, atol=1e-5)
+
+
+def test_nnm_near_tie_at_the_cut_is_settled_in_float64():
+    g = torch.Generator().manual_seed(7)
+    U = 1 + torch.randn(24, 30000, generator=g)
+    f = 8
+    _, near = nnm_reference(U, f)
+    j, l = int(near[0, -1]), int(torch.sort(((U.double() - U[0].double()) ** 2).sum(1)).indices[24 - f])
+    U[l] = 2 * U[0] - U[j]  # the mirror image of row j through row 0: equally far, up to rounding
+    ref, near = nnm_reference(U, f)
+    D0 = ((U.double() - U[0].double()) ** 2).sum(1)
+    assert abs(float(D0[l] - D0[j])) / float(D0[j]) < 1e-6  # float32 distances cannot order them
+    V, _, rep = DEFENSES.build("nnm", f=f)(U, torch.ones(24), simple_round_context(U))
+    assert torch.allclose(V, ref, atol=1e-5)
+    assert rep.info["rechecked"] >= 1
+
+
+def test_nnm_keeps_inactive_rows_on_the_fast_path():
+    g = torch.Generator().manual_seed(3)
+    U = 2 + torch.randn(30, 20000, generator=g)
+    w = torch.ones(30)
+    w[[4, 11]] = 0
+    U[4, 0] = float("nan")  # a rejected row may hold anything; it is passed through untouched
+    V, _, _ = DEFENSES.build("nnm", f=5)(U, w, simple_round_context(U))
+    keep = w > 0
+    ref, _ = nnm_reference(U[keep], 5)
+    assert torch.allclose(V[keep], ref, atol=1e-5)
+    assert torch.equal(V[11], U[11]) and torch.isnan(V[4, 0]) and torch.equal(V[4, 1:], U[4, 1:])
+
+
+def test_bucketing_means_match_index_add():
+    g = torch.Generator().manual_seed(4)
+    U = torch.randn(11, 5000, generator=g)
+    w = torch.ones(11)
+    w[2] = 0
+    agg = DEFENSES.build("bucketing", s=3, aggregator="mean")
+    out, rep = agg(U, w, simple_round_context(U, seed=1))
+    buckets = rep.info["buckets"]
+    assert sorted(sum(buckets, [])) == [i for i in range(11) if i != 2]
+    ref = torch.stack([U[b].double().mean(0) for b in buckets]).mean(0)
+    assert torch.allclose(out.double(), ref, atol=1e-6)

@@ -422,3 +422,157 @@ def test_centered_clipping_auto_tau_is_the_median_distance():
     assert float(out.norm()) <= med + 1e-4  # the outliers moved it by at most tau
     with pytest.raises(PhalanxError, match="tau"):
         DEFENSES.build("centered_clipping", tau="median")
+
+
+# ------------------------------------------------------------------ fast paths against float64
+
+def big(n=30, d=20000, seed=11, offset=3.0):
+    """Large enough (n^2 d > 2^24) for the float32 Gram path, with a shared offset."""
+    g = torch.Generator().manual_seed(seed)
+    return offset + torch.randn(n, d, generator=g)
+
+
+def exact_scores(U, f):
+    A = U.double()
+    D = ((A[:, None, :] - A[None, :, :]) ** 2).sum(-1)
+    n = U.shape[0]
+    k = min(max(n - f - 2, 1), n - 1)
+    D.fill_diagonal_(float("inf"))
+    return torch.sort(D, dim=1).values[:, :k].sum(1)
+
+
+def near_tie(U, f, seed, eps):
+    """U with its Krum winner copied to the last row and nudged by eps along a random direction:
+    the two rows' scores then differ by ~1e-9 of their size, far below what float32 resolves."""
+    a = int(torch.argmin(exact_scores(U, f)))
+    v = torch.randn(U.shape[1], generator=torch.Generator().manual_seed(seed))
+    V = U.clone()
+    V[-1] = U[a] + eps * v / v.norm()
+    return V, a
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_krum_near_ties_choose_what_float64_chooses(seed):
+    U = big(seed=seed)
+    f = 5
+    for eps in (3e-4, -3e-4, 1e-5):
+        V, a = near_tie(U, f, seed, eps)
+        ref = exact_scores(V, f)
+        order = torch.argsort(ref, stable=True)
+        top = ref[order[:2]]
+        assert float((top[1] - top[0]) / top[0]) < 1e-6  # a near tie float32 cannot settle
+        g, rep = run("krum", V, f=f)
+        assert torch.nonzero(rep.selected).flatten().tolist() == [int(order[0])]
+        assert torch.equal(g, V[order[0]])
+        assert rep.info["rechecked"] >= 1
+        assert torch.allclose(rep.scores[order[:2]], ref[order[:2]], rtol=1e-12)
+        for m in (int((order == a).nonzero()) + 1, int((order == V.shape[0] - 1).nonzero()) + 1):
+            _, rep = run("multi_krum", V, f=f, m=m)  # the cut between the two nearly tied rows
+            assert torch.nonzero(rep.selected).flatten().tolist() == sorted(order[:m].tolist())
+
+
+def test_krum_float32_path_agrees_with_float64_on_random_rows():
+    for seed in range(3):
+        U = big(seed=20 + seed, offset=0.0)
+        ref = exact_scores(U, 4)
+        _, rep = run("krum", U, f=4)
+        assert torch.nonzero(rep.selected).flatten().tolist() == [int(torch.argsort(ref, stable=True)[0])]
+        assert torch.allclose(rep.scores, ref, rtol=1e-5)
+        g, rep = run("multi_krum", U, f=4)
+        assert torch.nonzero(rep.selected).flatten().tolist() == sorted(torch.argsort(ref, stable=True)[:26].tolist())
+        assert torch.allclose(g, U[rep.selected].mean(0), atol=1e-6)
+
+
+def test_copies_of_the_best_row_tie_exactly_and_the_lowest_index_wins():
+    U = big(seed=5)
+    a = int(torch.argmin(exact_scores(U, 4)))
+    V = U.clone()
+    for i in (2, 9, 17):
+        V[i] = U[a]
+    ref = exact_scores(V, 4)
+    best = int(torch.argsort(ref, stable=True)[0])
+    _, rep = run("krum", V, f=4)
+    assert torch.nonzero(rep.selected).flatten().tolist() == [best] == [min(2, a)]
+
+
+def test_a_nan_row_left_out_cannot_spoil_krum_or_multi_krum():
+    U = big(seed=6)
+    U[3, 7] = float("nan")
+    for name, params in (("krum", {}), ("multi_krum", {"m": 10})):
+        g, rep = run(name, U, f=4, **params)
+        assert bool(torch.isfinite(g).all()) and not bool(rep.selected[3]), name
+
+
+def test_bulyan_matches_reference_with_copied_attack_rows():
+    # identical attack rows put equal values at the edge of the beta window: the closest-beta
+    # rule (not the least max-distance window) is the one the float64 reference applies
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(60, generator=g)
+    U = base + torch.randn(23, 60, generator=g)
+    U[:5] = -3 * base
+    got, rep = run("bulyan", U, f=5)
+    ref, chosen = ref_bulyan(U, 5)
+    assert torch.nonzero(rep.selected).flatten().tolist() == chosen
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bulyan_float64_selection_matches_reference_on_large_rows(seed):
+    g = torch.Generator().manual_seed(30 + seed)
+    base = torch.randn(4000, generator=g)
+    U = base + torch.randn(19, 4000, generator=g)
+    U[:4] = -3 * base
+    got, rep = run("bulyan", U, f=4)
+    ref, chosen = ref_bulyan(U, 4)
+    assert torch.nonzero(rep.selected).flatten().tolist() == chosen
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,params", [("geomed", {}), ("centered_clipping", {}),
+                                         ("centered_clipping", {"tau": 30.0})])
+def test_gram_iterations_agree_with_passes_over_u(monkeypatch, name, params):
+    U = big(n=12, d=30000, seed=9)
+    U[:2] *= 40  # far rows, so that weights and clipping matter
+    w = torch.ones(12)
+    w[5] = 0
+    outs = []
+    for gram in (True, False):
+        monkeypatch.setattr(robust, "use_gram", lambda n, passes, gram=gram: gram)
+        agg = DEFENSES.build(name, f=2, **params)
+        ctx = simple_round_context(U)
+        g1, rep = agg(U, w, ctx)
+        g2, _ = agg(U, w, ctx)  # centered clipping: the second round starts from the first
+        outs.append((g1, g2, rep))
+    (a1, a2, ra), (b1, b2, rb) = outs
+    tol = 1e-4 * float(U.abs().max()) if name == "geomed" else 1e-5 * float(U.abs().max())
+    assert float((a1 - b1).abs().max()) <= tol and float((a2 - b2).abs().max()) <= tol
+    assert torch.allclose(ra.scores.nan_to_num(), rb.scores.nan_to_num(), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geomed",
+                                  "centered_clipping", "mean"])
+def test_results_do_not_depend_on_the_thread_count(name):
+    U = big(n=20, d=60000, seed=12)
+    w = torch.ones(20)
+    w[4] = 0
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(run(name, U, w, **({} if name == "mean" else {"f": 3}))[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), name
+
+
+def test_coordinate_rules_on_a_subset_of_rows_match_numpy():
+    U = big(n=25, d=9000, seed=13)
+    w = torch.ones(25)
+    w[[0, 7, 8]] = 0
+    keep = (w > 0).numpy()
+    A = U.numpy()[keep]
+    g, _ = run("median", U, w)
+    assert torch.equal(g, torch.from_numpy(np.median(A, axis=0)).float())
+    g, _ = run("trimmed_mean", U, w, f=3)
+    assert torch.allclose(g, torch.from_numpy(np.sort(A, axis=0)[3:-3].mean(0)).float(), atol=1e-5)

@@ -33,27 +33,36 @@ from .robust import (check_int, combine, finite_or_raise, make_report, nearest_s
 
 def mix_rows(U: torch.Tensor, rows: torch.Tensor | None, M: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
     """A new [N, d] matrix: active row i (the i-th of ``rows``, all rows when None) becomes
-    M[which[i]] @ U[rows]; the other rows are copied. One pass over U in column blocks (the
-    distinct rows of M are multiplied once each), written into huge-page memory."""
+    M[which[i]] @ U[rows]; the other rows are copied. One pass over U in column blocks, products
+    written straight into the output (huge-page memory); when few rows of M are distinct each is
+    multiplied once."""
     A = readable(U)
     N, d = A.shape
-    out_t = new_matrix(N, d, U.dtype if U.dtype in (torch.float32, torch.float64) else torch.float32)
+    dt = torch.float64 if A.dtype == np.float64 else torch.float32
+    out_t = new_matrix(N, d, dt)
     out = out_t.numpy()
     r = None if rows is None else rows.cpu().numpy()
-    rest = None if r is None else np.setdiff1d(np.arange(N), r)
-    Mn = M.to(torch.float32 if A.dtype == np.float32 else torch.float64).cpu().numpy()
+    n = N if r is None else len(r)
     inv = which.cpu().numpy()
+    Mn = M.to(dt).cpu().numpy()
+    dedup = 2 * len(Mn) <= n
+    Mfull = None if dedup else np.ascontiguousarray(Mn[inv])
+    rest = None if r is None or n == N else np.setdiff1d(np.arange(N), r)
     tasks, bc = column_tasks(d, N, A.itemsize)
 
     def work(t):
+        buf = None if r is None else np.empty((n, bc), A.dtype)
         for j in range(t[0], t[1], bc):
             e = min(j + bc, t[1])
-            blk = A[:, j:e]
-            if r is None:
-                out[:, j:e] = (Mn @ blk)[inv]
+            src = A[:, j:e] if r is None else np.take(A[:, j:e], r, axis=0, out=buf[:, :e - j])
+            if r is None and not dedup:
+                np.matmul(Mfull, src, out=out[:, j:e])
+            elif r is None:
+                out[:, j:e] = (Mn @ src)[inv]
             else:
-                out[r, j:e] = (Mn @ blk[r])[inv]
-                out[rest, j:e] = blk[rest]
+                out[r, j:e] = (Mn @ src)[inv] if dedup else Mfull @ src
+                if rest is not None:
+                    out[rest, j:e] = A[rest, j:e]
 
     run_chunks(tasks, work)
     return out_t.to(U.dtype) if out_t.dtype != U.dtype else out_t
