@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import mmap
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -64,22 +65,41 @@ U32 = 2.0 ** -24
 U64 = 2.0 ** -53
 
 
+_FREE: list = []  # mmaps of large outputs that are no longer used, for the next ones
+_FREE_LOCK = threading.Lock()
+_FREE_MAX = 4  # buffers kept at most (each the size of one output)
+
+
+def _recycle(buf) -> None:
+    with _FREE_LOCK:
+        if len(_FREE) < _FREE_MAX:
+            _FREE.append(buf)
+            return
+    buf.close()
+
+
 def new_matrix(n: int, d: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised CPU tensor [n, d]. Large ones live in anonymous memory advised to use huge
-    pages: a fresh 400 MB tensor otherwise costs ~100k page faults, several times the time needed
-    to fill it (measured: 560 ms against 90 ms). Falls back to ``torch.empty`` where the platform
-    has no ``MADV_HUGEPAGE``."""
-    nbytes = n * d * torch.empty((), dtype=dtype).element_size()
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if nbytes < _HUGE_BYTES or advice is None:
+    """An uninitialised CPU tensor [n, d]. Large ones come from a small pool of anonymous memory
+    maps recycled when their tensor dies: a fresh 400 MB tensor costs ~100k page faults, several
+    times the time needed to fill it (measured: 160-560 ms against 26 ms for memory already
+    mapped), and a federation asks for the same shapes round after round. At most ``_FREE_MAX``
+    unused buffers are kept; the rest are unmapped."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = n * d * itemsize
+    if nbytes < _HUGE_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty(n, d, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        buf.madvise(advice)
-    except OSError:
-        pass
+    buf = None
+    with _FREE_LOCK:
+        for i, b in enumerate(_FREE):
+            if len(b) == nbytes:
+                buf = _FREE.pop(i)
+                break
+    if buf is None:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-    return torch.from_numpy(np.frombuffer(buf, dtype=np_dtype).reshape(n, d))
+    arr = np.frombuffer(buf, dtype=np_dtype).reshape(n, d)
+    weakref.finalize(arr, _recycle, buf)  # the tensor keeps arr alive; its views keep the tensor
+    return torch.from_numpy(arr)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -260,7 +280,7 @@ def central_row(U: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[int,
     A = U.detach()
     r = torch.arange(U.shape[0]) if rows is None else rows.cpu()
     n, d = len(r), U.shape[1]
-    s = int(min(d, 4096, max(64, (1 << 27) // max(n * n, 1))))
+    s = int(min(d, 1024, max(64, (1 << 25) // max(n * n, 1))))
     cols = torch.unique(torch.linspace(0, d - 1, s).round().long())
     S = A.index_select(1, cols.to(A.device))
     S = (S if rows is None else S[r.to(A.device)]).double().cpu()

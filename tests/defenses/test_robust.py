@@ -576,3 +576,19 @@ def test_coordinate_rules_on_a_subset_of_rows_match_numpy():
     assert torch.equal(g, torch.from_numpy(np.median(A, axis=0)).float())
     g, _ = run("trimmed_mean", U, w, f=3)
     assert torch.allclose(g, torch.from_numpy(np.sort(A, axis=0)[3:-3].mean(0)).float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [3, 10, 24])
+def test_sorting_network_path_matches_numpy_with_nan_and_inf(n):
+    U = torch.randn(n, 3000, generator=torch.Generator().manual_seed(n))
+    U[0, :50] = math.nan  # one NaN row sorts last, like +inf
+    U[1, 50:60] = math.inf
+    U[2, 60:70] = -math.inf
+    A = np.where(np.isnan(U.numpy()), np.inf, U.numpy())
+    g, _ = robust.Median(0)(U, torch.ones(n), simple_round_context(U)) if n >= 3 else (None, None)
+    S = np.sort(A, axis=0)
+    ref = (S[(n - 1) // 2] + S[n // 2]) * np.float32(0.5)
+    assert np.array_equal(g.numpy()[100:], ref[100:])
+    f = 1 if n < 10 else 3
+    out = robust.sorted_column_map(U, lambda S: S[:, f:n - f].sum(1) / S.dtype.type(n - 2 * f))
+    assert np.allclose(out.numpy()[100:], S[f:n - f, 100:].mean(0), atol=1e-5)

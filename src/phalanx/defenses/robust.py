@@ -131,13 +131,34 @@ def row_norms(U: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(U, dim=1).double()
 
 
+_NETWORK_MAX = 24  # rows up to which a sorting network over whole rows beats sorting columns
+
+
+def sorting_network(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort comparators (i, j), i < j, for n inputs (pruned to n)."""
+    out, p = [], 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        out.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return out
+
+
 def sorted_column_map(U: torch.Tensor, kernel: Callable[[np.ndarray], np.ndarray],
                       rows: torch.Tensor | None = None) -> torch.Tensor:
     """g[j] = kernel(S)[j - start] where S [b, n] (numpy) holds a block of columns of U (of its
     ``rows`` when given), each sorted ascending, on worker threads.
 
     NaN sorts last (as +inf would), so up to the trimmed count of NaN rows cannot reach the result.
-    U is never modified: each block is transposed into a buffer of its own and sorted there.
+    U is never modified: each block is copied into a buffer of its own and sorted there. Columns
+    of many values are transposed and sorted (numpy's SIMD sort); columns of at most
+    ``_NETWORK_MAX`` values go through a sorting network of min/max over whole rows (NaN read as
+    +inf), which needs no transpose and no per-column call.
     """
     A = U.detach().numpy() if U.device.type == "cpu" and U.dtype in (torch.float32, torch.float64) \
         else readable(U)
@@ -146,12 +167,26 @@ def sorted_column_map(U: torch.Tensor, kernel: Callable[[np.ndarray], np.ndarray
     out = np.empty(d, dtype=A.dtype)
     bc = max(64, _BLOCK_BYTES // (A.itemsize * max(n, 1)))
     tasks, _ = column_tasks(d, n, A.itemsize, block=bc)
+    net = sorting_network(n) if n <= _NETWORK_MAX else None
 
     def work(t):
-        buf = np.empty((bc, n), dtype=A.dtype)
-        tmp = np.empty((n, bc), dtype=A.dtype) if r is not None else None
+        buf = np.empty((bc, n) if net is None else (n, bc), dtype=A.dtype)
+        tmp = np.empty((n, bc), dtype=A.dtype) if r is not None or net is not None else None
         for j in range(t[0], t[1], bc):
             e = min(j + bc, t[1])
+            if net is not None:
+                X = buf[:, :e - j]
+                _rows_of(A, r, j, e, X)
+                nan = np.isnan(X)
+                if nan.any():
+                    X[nan] = np.inf
+                lo = tmp[0, :e - j]
+                for a, b in net:
+                    np.minimum(X[a], X[b], out=lo)
+                    np.maximum(X[a], X[b], out=X[b])
+                    X[a] = lo
+                out[j:e] = kernel(X.T)
+                continue
             S = buf[:e - j]
             if r is None:
                 S[...] = A[:, j:e].T
@@ -163,6 +198,13 @@ def sorted_column_map(U: torch.Tensor, kernel: Callable[[np.ndarray], np.ndarray
 
     run_chunks(tasks, work)
     return torch.from_numpy(out).to(device=U.device, dtype=U.dtype)
+
+
+def _rows_of(A: np.ndarray, r, j: int, e: int, out: np.ndarray) -> None:
+    if r is None:
+        out[...] = A[:, j:e]
+    else:
+        np.take(A[:, j:e], r, axis=0, out=out)
 
 
 def honest_majority(name: str, n: int, f: int) -> None:
