@@ -13,6 +13,7 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, Messag
                       RecordDict)
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -35,7 +36,7 @@ class LoopbackGrid(Grid):
     """Runs the ClientApp in this process for each node; nodes in ``down`` never answer."""
 
     def __init__(self, app: ClientApp, node_configs: dict[int, dict]):
-        self.app, self._run, self.down = app, None, set()
+        self.app, self._run, self.down, self.dead = app, None, set(), set()
         self.contexts = {n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config={})
                          for n, cfg in node_configs.items()}
 
@@ -59,8 +60,14 @@ class LoopbackGrid(Grid):
         raise NotImplementedError
 
     def send_and_receive(self, messages, *, timeout=None):
-        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages
-                if m.metadata.dst_node_id not in self.down]
+        out = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # as Flower's Grid does when it pushes
+            if m.metadata.dst_node_id in self.dead:  # the SuperLink answers for a node that died
+                out.append(create_message_error_unavailable_res_message(m.metadata, "node_unavail"))
+            elif m.metadata.dst_node_id not in self.down:
+                out.append(self.app(m, self.contexts[m.metadata.dst_node_id]))
+        return out
 
 
 def digits():
@@ -164,7 +171,7 @@ def federation(tmp_path, faults: dict[int, str], shared_key: dict[int, int] | No
     return reg, LoopbackGrid(make_app(n), configs)
 
 
-DEFENSE = ["verify", "validate", "median"]
+DEFENSE = ["verify", {"validate": {"check_norms": False}}, "median"]  # norms: not the point here
 
 
 def run(strategy, grid, rounds):
@@ -225,10 +232,14 @@ def test_revocation_and_missing_nodes_are_recorded(tmp_path):
     strategy = PhalanxStrategy(defense=DEFENSE, registry=reg, fraction_evaluate=0.0, min_available_nodes=3)
     strategy.start(grid=grid, initial_arrays=INIT, num_rounds=1, train_config=ConfigRecord())
     reg.revoke("c1")
-    grid.down.add(102)  # node 102 dies: it is sent an instruction and never answers
+    grid.down.add(102)  # node 102 never answers
+    grid.dead.add(103)  # node 103 died: the SuperLink sends NODE_UNAVAILABLE in its place
     strategy.start(grid=grid, initial_arrays=INIT, num_rounds=1, train_config=ConfigRecord())
     last = strategy.history[-1]
-    assert last["round"] == 2 and last["missing"] == [102]
+    assert last["round"] == 2 and sorted(last["missing"]) == [102, 103]
+    assert last["missing_causes"]["102"] == "no reply before the round's timeout"
+    assert "Node Unavailable" in last["missing_causes"]["103"]
+    assert sorted(reasons(last)) == [100, 101]  # the SuperLink's error is not a row
     assert reasons(last)[101] == ["verify:revoked_client"] and not reasons(last)[100]
 
 

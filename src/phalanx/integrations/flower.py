@@ -34,9 +34,10 @@ claims a client bound to another node answering in the same round. A client seen
 (a restarted SuperNode gets a new node id) is rebound, and the event is logged. Without
 ``verify`` rows are keyed by ``str(node_id)``.
 
-**Missing nodes.** Nodes sent an instruction that did not answer before the round's timeout are
-listed in the round's ``missing``; Flower's own error replies (a node that died: NODE_UNAVAILABLE)
-are ``reply_error`` rejections with the error code.
+**Missing nodes.** Nodes sent an instruction whose update never came are listed in the round's
+``missing``, each with its cause in ``missing_causes``: no reply before the round's timeout, or
+the error the SuperLink sent in its place (a node that died: NODE_UNAVAILABLE, after two missed
+heartbeats). A ClientApp's own error reply is a row with the rejection ``reply_error``.
 
 **Checkpoints.** With ``checkpoint=PATH`` the state is saved atomically after every round: the run
 id, the rounds done, the global arrays, the pipeline's state (verify's nonces, reputation), the
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -65,6 +67,7 @@ import torch
 
 try:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import FedAvg
     from flwr.supercore import log
@@ -170,7 +173,8 @@ class PhalanxStrategy(FedAvg):
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self._resumed: ArrayRecord | None = None
         self._global: ArrayRecord | None = None
-        self._sent: list[int] = []
+        self._sent: list[Message] = []  # this round's instructions
+        self._t_round: float | None = None
         if self.checkpoint is not None and self.checkpoint.is_file():
             self._load_checkpoint(self.checkpoint)
         self.store, self.run_name = store, run_name
@@ -258,7 +262,8 @@ class PhalanxStrategy(FedAvg):
         config[ROUND_KEY] = rnd - 1  # envelopes carry the 0-based round, as in the simulator
         config[ARRAYS_KEY] = self.arrayrecord_key
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sent = [int(m.metadata.dst_node_id) for m in messages]
+        self._sent = messages  # the Grid sets their message ids when it pushes them
+        self._t_round = time.monotonic()
         return messages
 
     def set_global_arrays(self, arrays: ArrayRecord) -> None:
@@ -278,6 +283,19 @@ class PhalanxStrategy(FedAvg):
         d = glob.size
         node_ids, raw, reasons, examples, errors = [], [], {}, [], {}
         envelopes, env_why, digests = [], {}, []
+        sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent if m.metadata.message_id}
+        causes: dict[int, str] = {}
+        rows_of = []
+        for msg in replies:  # the SuperLink answers for a node that is gone: not a row, a missing node
+            if int(msg.metadata.src_node_id) == SUPERLINK_NODE_ID and msg.has_error():
+                target = sent.get(msg.metadata.reply_to_message_id)
+                if target is not None:
+                    causes[target] = f"{msg.error.code}: {msg.error.reason}"
+                else:
+                    log(WARNING, "phalanx: SuperLink error for an unknown instruction: %s", msg.error.reason)
+            else:
+                rows_of.append(msg)
+        replies = rows_of
         for i, msg in enumerate(replies):
             nid = int(msg.metadata.src_node_id)
             vec, why, num, digest = self._read_reply(msg, layout, glob)
@@ -297,13 +315,17 @@ class PhalanxStrategy(FedAvg):
             examples.append(num)
             if why is not None:
                 reasons[i] = why
-        missing = [n for n in self._sent if n not in set(node_ids)]
+        missing = [int(m.metadata.dst_node_id) for m in self._sent if int(m.metadata.dst_node_id) not in set(node_ids)]
+        missing += [n for n in causes if n not in missing]
         self._sent = []
         entry: dict[str, Any] = {"round": rnd, "run_id": self.run_id, "skipped": True, "error": None,
-                                 "step_norm": 0.0, "clients": [], "missing": missing, "rejections": {}}
-        if missing:
-            log(WARNING, "phalanx: round %s: no reply from node(s) %s", rnd,
-                ", ".join(f"{n} ({self.node_client.get(n, 'unbound')})" for n in missing))
+                                 "seconds": time.monotonic() - self._t_round if self._t_round else None,
+                                 "step_norm": 0.0, "clients": [], "missing": missing, "rejections": {},
+                                 "missing_causes": {str(n): causes.get(n, "no reply before the round's timeout")
+                                                    for n in missing}}
+        for n in missing:
+            log(WARNING, "phalanx: round %s: no update from node %s (client %s): %s", rnd, n,
+                self.node_client.get(n, "unbound"), entry["missing_causes"][str(n)])
         if not replies:
             entry["error"] = "no replies"
             self._finish_round(entry, None)
@@ -353,8 +375,9 @@ class PhalanxStrategy(FedAvg):
         metrics["phalanx-missing"] = len(missing)
         new = None if entry["skipped"] else self._unflatten(glob + step, layout)
         self._finish_round(entry, new)
-        log(INFO, "phalanx: round %s kept %s of %s replies (%s missing)", rnd,
-            metrics["phalanx-accepted"], len(replies), len(missing))
+        took = f" in {entry['seconds']:.1f} s" if entry["seconds"] is not None else ""
+        log(INFO, "phalanx: round %s kept %s of %s replies (%s missing)%s", rnd,
+            metrics["phalanx-accepted"], len(replies), len(missing), took)
         return new, metrics
 
     # ------------------------------------------------------------------ identities
@@ -495,19 +518,32 @@ class PhalanxStrategy(FedAvg):
         if self.store is not None:
             rows = [{"client_id": r["client_id"], "weight": r["weight"], "norm": r["norm"], "flags": r["reasons"],
                      "selected": r["selected"], "node_id": r["node_id"]} for r in entry["clients"]]
-            rows += [{"client_id": f"node-{n}", "weight": 0.0, "norm": None, "flags": ["missing"],
-                      "selected": False, "node_id": n} for n in entry["missing"]]
+            rows += [{"client_id": self.node_client.get(n, f"node-{n}"), "weight": 0.0, "norm": None,
+                      "flags": ["missing"], "selected": False, "node_id": n,
+                      "cause": entry["missing_causes"][str(n)]} for n in entry["missing"]]
             self.store.log_clients(self.run_id, entry["round"], rows)
-            self.store.log_round(self.run_id, entry["round"],
-                                 {"accepted": sum(r["selected"] for r in entry["clients"]),
-                                  "rejected": sum(not r["selected"] for r in entry["clients"]),
-                                  "missing": len(entry["missing"]), "rejections": entry["rejections"],
-                                  "skipped": entry["skipped"], "step_norm": entry["step_norm"],
-                                  "error": entry["error"]})
+            self.store.log_round(self.run_id, entry["round"], self._round_metrics(entry))
         if new_arrays is not None:
             self._global = new_arrays
         if self.checkpoint is not None and self._global is not None:
             self.save_checkpoint(self._global)
+
+    def record_metrics(self, round: int, metrics: dict[str, Any]) -> None:
+        """Add metrics measured after round ``round`` (1-based; server-side accuracy) to its record."""
+        entry = next((h for h in self.history if h["round"] == round), None)
+        if entry is None:
+            return
+        entry.setdefault("metrics", {}).update(metrics)
+        if self.store is not None:
+            self.store.log_round(self.run_id, round, {**self._round_metrics(entry), **entry["metrics"]})
+
+    @staticmethod
+    def _round_metrics(entry: dict[str, Any]) -> dict[str, Any]:
+        return {"accepted": sum(r["selected"] for r in entry["clients"]),
+                "rejected": sum(not r["selected"] for r in entry["clients"]),
+                "missing": len(entry["missing"]), "rejections": entry["rejections"],
+                "skipped": entry["skipped"], "step_norm": entry["step_norm"], "error": entry["error"],
+                "seconds": entry.get("seconds")}
 
     def finish(self, final: dict[str, Any] | None = None, status: str = "done") -> None:
         """Close the run in the store (if any)."""
