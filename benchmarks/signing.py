@@ -5,7 +5,12 @@ row + ECDSA P-256) and verified by the ``verify`` layer (signature, digest, nonc
 The baselines, timed in the same process: mean aggregation ``U.mean(0)`` and coordinate-wise
 median ``torch.median(U, 0)`` of the same matrix. Times are medians over ``--repeats``.
 
-    python benchmarks/signing.py [--dims 100000,1000000] [--repeats 5] [--n 25] [--threads 1] [--smoke]
+    python benchmarks/signing.py [--dims tabular,1000000] [--repeats 5] [--n 25] [--threads 1] [--smoke]
+
+``tabular`` stands for the size of the fraud-detection model of ``configs/fraud.yaml`` (tabular_mlp,
+hidden [64, 32], on fraud-synth's features): the per-round cost at a real cross-silo model's size.
+Signing is what each client does for its own update (in parallel across clients); verifying is
+what the server does for the whole round.
 
 Both sides get the same thread budget (``--threads``, default 1: on a shared machine extra torch
 threads mostly measure contention).
@@ -43,6 +48,16 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def tabular_d() -> int:
+    """Parameters of configs/fraud.yaml's model: tabular_mlp [64, 32] on fraud-synth's features."""
+    from phalanx.data import load_dataset
+    from phalanx.models import build_model
+    from phalanx.updates import flatten_params
+
+    ds = load_dataset("fraud-synth")
+    return int(flatten_params(build_model("tabular_mlp", ds.in_shape, ds.num_classes, 0, hidden=[64, 32])).numel())
+
+
 def _fmt_d(d: int) -> str:
     for unit, div in (("M", 1_000_000), ("k", 1_000)):
         if d >= div and d % (div // 10) == 0:
@@ -74,6 +89,43 @@ def measure(n: int, d: int, repeats: int, workers: int, seed: int = 0) -> dict[s
     mean = _timed(lambda: U.mean(0), repeats)
     median = _timed(lambda: torch.median(U, 0), repeats)
     return {"d": d, "sign": sign, "sha": sha, "verify": verify, "mean": mean, "median": median}
+
+
+def flower_costs(d: int, repeats: int) -> dict[str, float] | None:
+    """A Flower reply of d float32 parameters: the client's sign_reply (digest of its arrays + ECDSA),
+    and the server's share per reply (digest of the arrays as received + signature check)."""
+    try:
+        import numpy as np
+        from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
+
+        from phalanx.integrations.flower_client import record_digest, sign_reply
+    except ImportError:  # Flower is an optional extra
+        return None
+    from phalanx.defenses.signing import _ECDSA
+
+    rng = np.random.default_rng(0)
+    half = d // 2
+    arrays = ArrayRecord({"w": Array(rng.standard_normal(half, dtype=np.float32)),
+                          "b": Array(rng.standard_normal(d - half, dtype=np.float32))})
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID  # as in a ServerApp
+    signer = ClientSigner.generate("c0")
+    out = Message(content=RecordDict({}), message_type=MessageType.TRAIN, dst_node_id=1)
+
+    def client():
+        reply = Message(RecordDict({"arrays": arrays}), reply_to=out)
+        return sign_reply(reply, signer, "bench", 0)
+
+    env = client()
+    pub = signer.public_key
+
+    def server():
+        assert record_digest(arrays) == env.digest
+        pub.verify(env.signature, env.message(), _ECDSA)
+
+    return {"sign": _timed(client, repeats), "verify": _timed(server, repeats)}
 
 
 FORGERIES = {  # kind -> the reason the verify layer must record for every row
@@ -119,16 +171,18 @@ def forgery_check(n: int, d: int, seed: int = 0) -> dict[str, tuple[int, int]]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dims", default="100000,1000000", help="comma-separated update sizes d")
+    ap.add_argument("--dims", default="tabular,1000000",
+                    help="comma-separated update sizes d ('tabular': the fraud model's size)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--n", type=int, default=25, help="clients per round")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for the baselines and hashing threads for verify (same budget)")
     ap.add_argument("--smoke", action="store_true", help="tiny run (d=1000, 1 repeat)")
     args = ap.parse_args(argv)
-    dims = [1000] if args.smoke else [int(x) for x in args.dims.split(",") if x.strip()]
+    dims = [1000] if args.smoke else [tabular_d() if x.strip() == "tabular" else int(x)
+                                      for x in args.dims.split(",") if x.strip()]
     repeats = 1 if args.smoke else max(1, args.repeats)
-    if not dims or min(dims) < 1 or args.n < 1:
+    if not dims or min(dims) < 1 or args.n < 1:  # noqa: SIM102
         ap.error(f"--dims and --n must be positive, got dims={args.dims!r}, n={args.n}")
 
     if args.threads < 1:
@@ -151,6 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"signature check at d={_fmt_d(min(dims))}: honest rows accepted {'%d/%d' % checked['honest']}; "
           "forged rows rejected with the expected reason: "
           + ", ".join(f"{k} {'%d/%d' % checked[k]}" for k in FORGERIES))
+    for d in dims:
+        fc = flower_costs(d, repeats)
+        if fc is not None:
+            print(f"flower reply at d={_fmt_d(d)}: client sign_reply {fc['sign'] * 1e3:.3f} ms; server digest + "
+                  f"verify {fc['verify'] * 1e3:.3f} ms per reply, {fc['verify'] * args.n * 1e3:.1f} ms per round of "
+                  f"{args.n}")
     top = rows[-1]
     print(f"verify of {args.n} updates at d={_fmt_d(top['d'])} = {top['verify'] / top['median']:.2f}x "
           f"of one median aggregation ({top['verify'] / top['mean']:.1f}x of one mean; "
