@@ -483,7 +483,7 @@ class Federation:
         if not last and store is not None and run_id is not None:  # resumed after the last round
             rounds = store.read_run(run_id).rounds
             last = rounds[-1] if rounds else {}
-        final = {k: last[k] for k in ("accuracy", "loss") if k in last}
+        final = {k: last[k] for k in ("accuracy", "loss", "auprc", "roc_auc", "recall_at_1fpr", "best_f1") if k in last}
         bad = self.attackers()
         if self.first_quarantine:  # a clean run's quarantines are all of honest clients
             caught = [r for c, r in self.first_quarantine.items() if c in bad]
