@@ -293,3 +293,16 @@ def test_sign_reply_envelope_covers_the_arrays_as_sent(tmp_path):
     assert got["signature"] == env.signature and got["client_id"] == "c0"
     swapped = ArrayRecord({"b": rec["b"], "W": rec["W"]})  # same arrays, other order: other digest
     assert record_digest(swapped) != env.digest
+
+
+def test_a_client_back_on_a_new_node_is_rebound(tmp_path):
+    reg, grid = federation(tmp_path, {0: "", 1: "", 2: ""})
+    strategy = PhalanxStrategy(defense=DEFENSE, registry=reg, fraction_evaluate=0.0, min_available_nodes=3)
+    strategy.start(grid=grid, initial_arrays=INIT, num_rounds=1, train_config=ConfigRecord())
+    assert strategy.client_node["c0"] == 100
+    # node 100's SuperNode restarts: Flower gives it a new node id, the organisation keeps its key
+    grid.contexts[200] = grid.contexts.pop(100)
+    strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(INIT), num_rounds=1, train_config=ConfigRecord())
+    last = strategy.history[-1]
+    assert not any(reasons(last).values()) and strategy.node_client.get(200) == "c0" and 100 not in strategy.node_client
+    assert strategy.events[-1] == {"round": 2, "kind": "rebound", "client_id": "c0", "from_node": 100, "to_node": 200}
