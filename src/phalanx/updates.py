@@ -299,9 +299,30 @@ def central_row(U: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[int,
     return int(r[ok][int(torch.argmin(score))]), ratio
 
 
+_SYRK_MIN = 128  # rows from which the products go through BLAS syrk, accumulated in place
+
+
+def _syrk(X: np.ndarray, kb: int) -> np.ndarray:
+    """X X^T in float64 from syrk over ``kb`` columns at a time, accumulated in X's dtype (BLAS
+    beta = 1) over the block: no [blocks, m, m] intermediate, which costs more than the products
+    themselves once m is in the hundreds."""
+    from scipy.linalg import blas
+
+    syrk = blas.ssyrk if X.dtype == np.float32 else blas.dsyrk
+    C = None
+    with np.errstate(all="ignore"):
+        for k in range(0, X.shape[1], kb):
+            a = np.ascontiguousarray(X[:, k:k + kb])  # [m, K] C order = [K, m] Fortran order
+            C = syrk(1.0, a.T, beta=0.0 if C is None else 1.0, c=C, trans=1, lower=1, overwrite_c=1)
+    L = np.tril(C).astype(np.float64)
+    return L + np.tril(L, -1).T
+
+
 def _product(X: np.ndarray, Y: np.ndarray | None, kb: int) -> np.ndarray:
     """X Y^T (X X^T when Y is None) in float64 from float32 products over ``kb`` columns each,
     summed in X's dtype over one block (at most a few dozen of them), then in float64."""
+    if Y is None and X.shape[0] >= _SYRK_MIN:
+        return _syrk(X, kb)
     w = X.shape[1]
     full = w // kb * kb
     P = np.zeros((X.shape[0], X.shape[0] if Y is None else Y.shape[0]))
@@ -406,7 +427,9 @@ class Gram:
         m = n + len(ex)
         kb = KBLOCK if f32 else (1 << 30)
         unit = U32 if f32 else U64
-        tasks, bc = column_tasks(A.shape[1], m, np.dtype(dtype).itemsize)
+        # many rows: blocks of 8 K-blocks, so that the m^2 work per block stays small beside syrk
+        block = 8 * KBLOCK if m >= _SYRK_MIN else None
+        tasks, bc = column_tasks(A.shape[1], m, np.dtype(dtype).itemsize, block=block)
         parts = run_chunks(tasks, _gram_task(A, self.rows, ex, c, bc, kb, dtype))
         G = np.zeros((m, m))
         tiny, bad = 0.0, np.zeros(m, dtype=bool)
