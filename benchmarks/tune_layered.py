@@ -13,8 +13,8 @@ updates. The server guesses f (``defense_f: auto``); it is never told the attack
 Score (lower is better): the largest shortfall against the targets over both settings, in points:
   accuracy drop under the worst attack vs clean FedAvg, minus 5;  backdoor ASR minus 5%;
   clean-accuracy cost vs clean FedAvg, minus 2.
-A candidate that meets every target scores <= 0. Ties (within 0.5 points) go to the smaller clean
-cost, then the smaller aggregation overhead. ``--held-out`` runs the winner (and FedAvg for its
+A candidate that meets every target scores <= 0. Ties (within 0.5 points) go to the smaller mean
+accuracy drop over all attacks, then the smaller clean cost, then the smaller aggregation overhead. ``--held-out`` runs the winner (and FedAvg for its
 reference) on settings it was not chosen on: another seed, Dirichlet(0.1), 10% and 30% Byzantine,
 and the distributed-SGD preset (one local step per round). Results go to a resumable SQLite store
 (``phalanx report`` shows them). Last line: the winner and its score.
@@ -97,17 +97,20 @@ def score(res, rows) -> list[dict]:
                     drops.append((ref - e.acc.mean, f"{attack} ({scen[1]})"))
         drop, asr, cost = (max(v, default=(0.0, "-")) for v in (drops, asrs, costs))
         short = max(drop[0] - TARGETS["drop"], asr[0] - TARGETS["asr"], cost[0] - TARGETS["clean_cost"])
+        mean_drop = sum(d for d, _ in drops) / len(drops) if drops else 0.0
         out.append({"candidate": s.defense, "drop": drop, "asr": asr, "cost": cost, "shortfall": short,
-                    "agg_ms": s.agg_ms or 0.0})
-    return sorted(out, key=lambda r: (round(r["shortfall"] / 0.005), r["cost"][0], r["agg_ms"]))
+                    "mean_drop": mean_drop, "agg_ms": s.agg_ms or 0.0})
+    return sorted(out, key=lambda r: (round(r["shortfall"] / 0.005), round(r["mean_drop"] / 0.005),
+                                      r["cost"][0], r["agg_ms"]))
 
 
 def print_ranking(ranked: list[dict]) -> None:
-    print(f"{'candidate':<16} {'worst drop (pts)':>28} {'worst ASR':>26} {'clean cost':>11} {'ms':>7} "
-          f"{'shortfall':>9}")
+    print(f"{'candidate':<16} {'worst drop (pts)':>28} {'worst ASR':>26} {'clean cost':>11} {'mean drop':>9} "
+          f"{'ms':>7} {'shortfall':>9}")
     for r in ranked:
         print(f"{r['candidate']:<16} {100 * r['drop'][0]:>6.1f} {r['drop'][1]:<21} {100 * r['asr'][0]:>5.1f}% "
-              f"{r['asr'][1]:<19} {100 * r['cost'][0]:>11.1f} {r['agg_ms']:>7.1f} {100 * r['shortfall']:>9.1f}")
+              f"{r['asr'][1]:<19} {100 * r['cost'][0]:>11.1f} {100 * r['mean_drop']:>9.1f} {r['agg_ms']:>7.1f} "
+              f"{100 * r['shortfall']:>9.1f}")
 
 
 def run(spec_dict: dict, db: Path, workers: int):
