@@ -38,7 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-LAYERED = ["validate", {"clip": {"max_norm": "auto"}}, "sign_filter", "nnm", "trimmed_mean", "reputation"]
+import yaml
+
+LAYERED = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "layered.yaml").read_text())["defense"]
 DEFENSES = {"mean": ["mean"], "median": ["median"], "trimmed_mean": ["trimmed_mean"], "krum": ["krum"],
             "centered_clipping": ["centered_clipping"], "layered": LAYERED}
 ATTACKS = {"clean": {}, "sign_flip": {"name": "sign_flip"}, "scaling": {"name": "scaling", "params": {"factor": 10.0}},
