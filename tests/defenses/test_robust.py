@@ -592,3 +592,16 @@ def test_sorting_network_path_matches_numpy_with_nan_and_inf(n):
     f = 1 if n < 10 else 3
     out = robust.sorted_column_map(U, lambda S: S[:, f:n - f].sum(1) / S.dtype.type(n - 2 * f))
     assert np.allclose(out.numpy()[100:], S[f:n - f, 100:].mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed,n,f", [(0, 15, 3), (1, 15, 3), (2, 43, 8)])
+def test_bulyan_quantized_rows_break_distance_ties_like_the_reference(seed, n, f):
+    # values on a 0.25 grid: many coordinates have two values exactly as far from the median on
+    # either side of it, where the closest-beta set depends on row order (theta = 9 runs the
+    # sorting network, theta = 27 the sort)
+    g = torch.Generator().manual_seed(60 + seed)
+    U = torch.round(torch.randn(n, 300, generator=g) * 4) / 4
+    got, rep = run("bulyan", U, f=f)
+    ref, chosen = ref_bulyan(U, f)
+    assert torch.nonzero(rep.selected).flatten().tolist() == chosen
+    assert torch.allclose(got, ref, atol=1e-6)

@@ -145,21 +145,29 @@ class Bucketing(Aggregator):
 
 def _bucket_means(U: torch.Tensor, order: torch.Tensor, s: int) -> torch.Tensor:
     """[ceil(n / s), d]: the means of the rows U[order[b s:(b + 1) s]], in column blocks (no copy
-    of U)."""
+    of U): s strided row additions per block (numpy's reduceat is 30x slower along rows)."""
     A = readable(U)
     d = A.shape[1]
     r = order.cpu().numpy()
     n = len(r)
-    starts = np.arange(0, n, s)
-    counts = np.diff(np.append(starts, n)).astype(A.dtype)[:, None]
-    out_t = new_matrix(len(starts), d, torch.float64 if A.dtype == np.float64 else torch.float32)
+    full, rest = divmod(n, s)
+    out_t = new_matrix(full + (rest > 0), d, torch.float64 if A.dtype == np.float64 else torch.float32)
     out = out_t.numpy()
+    inv_s, inv_rest = A.dtype.type(1.0 / s), A.dtype.type(1.0 / max(rest, 1))
     tasks, bc = column_tasks(d, n, A.itemsize)
 
     def work(t):
         for j in range(t[0], t[1], bc):
             e = min(j + bc, t[1])
-            np.divide(np.add.reduceat(A[r, j:e], starts, axis=0), counts, out=out[:, j:e])
+            X = A[r, j:e]
+            if full:
+                acc = out[:full, j:e]
+                np.copyto(acc, X[0:full * s:s])
+                for k in range(1, s):
+                    acc += X[k:full * s:s]
+                acc *= inv_s
+            if rest:
+                np.multiply(X[full * s:].sum(0), inv_rest, out=out[full, j:e])
 
     run_chunks(tasks, work)
     return out_t.to(device=U.device, dtype=U.dtype)

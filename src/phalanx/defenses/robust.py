@@ -120,7 +120,9 @@ def check_int(name: str, param: str, value: Any, low: int = 1) -> int:
 
 
 def finite_or_raise(name: str, g: torch.Tensor) -> torch.Tensor:
-    if not bool(torch.isfinite(g).all()):
+    ok = (bool(np.isfinite(g.detach().numpy()).all()) if g.device.type == "cpu" and g.dtype in
+          (torch.float32, torch.float64) else bool(torch.isfinite(g).all()))  # numpy: no thread wake-ups
+    if not ok:
         raise PhalanxError(f"{name}: the aggregate has non-finite coordinates (too many rows with "
                            "NaN/inf values); put the 'validate' layer before it")
     return g
@@ -152,7 +154,8 @@ def sorting_network(n: int) -> list[tuple[int, int]]:
 def sorted_column_map(U: torch.Tensor, kernel: Callable[[np.ndarray], np.ndarray],
                       rows: torch.Tensor | None = None) -> torch.Tensor:
     """g[j] = kernel(S)[j - start] where S [b, n] (numpy) holds a block of columns of U (of its
-    ``rows`` when given), each sorted ascending, on worker threads.
+    ``rows`` when given), each sorted ascending, on worker threads (a kernel with ``at = True``
+    is called as kernel(S, start)).
 
     NaN sorts last (as +inf would), so up to the trimmed count of NaN rows cannot reach the result.
     U is never modified: each block is copied into a buffer of its own and sorted there. Columns
@@ -185,7 +188,7 @@ def sorted_column_map(U: torch.Tensor, kernel: Callable[[np.ndarray], np.ndarray
                     np.minimum(X[a], X[b], out=lo)
                     np.maximum(X[a], X[b], out=X[b])
                     X[a] = lo
-                out[j:e] = kernel(X.T)
+                out[j:e] = kernel(X.T, j) if getattr(kernel, "at", False) else kernel(X.T)
                 continue
             S = buf[:e - j]
             if r is None:
@@ -194,7 +197,7 @@ def sorted_column_map(U: torch.Tensor, kernel: Callable[[np.ndarray], np.ndarray
                 np.take(A[:, j:e], r, axis=0, out=tmp[:, :e - j])
                 S[...] = tmp[:, :e - j].T
             S.sort(axis=1)
-            out[j:e] = kernel(S)
+            out[j:e] = kernel(S, j) if getattr(kernel, "at", False) else kernel(S)
 
     run_chunks(tasks, work)
     return torch.from_numpy(out).to(device=U.device, dtype=U.dtype)
@@ -217,44 +220,54 @@ def median_kernel(n: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda S: (S[:, lo] + S[:, hi]) * S.dtype.type(0.5)
 
 
-def bulyan_kernel(theta: int, beta: int) -> Callable[[np.ndarray], np.ndarray]:
+def bulyan_kernel(theta: int, beta: int, A: np.ndarray | None = None,
+                  rows: np.ndarray | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """Mean of the beta values closest to the median of each sorted row s of S [b, theta]: the
     window [a, a + beta) where a counts the shifts that do not move it away from the median. For
     sorted values, |s[a + beta] - med| <= |s[a] - med| exactly when s[a] + s[a + beta] <= 2 med
     (up to equal values, whose order does not change the sum); these sums grow with a, so the
-    shifts that qualify are a prefix. Sums of two float32 values are exact in float64, so the
-    choice is exact; equal distances on the two sides of the median (a tie the float64
-    reference breaks by row order) go to the right."""
+    shifts that qualify are a prefix, found by a binary search. Sums of two float32 values are
+    exact in float64, so the choice is exact. A column where two values on either side of the
+    median are exactly as far from it (quantized updates) is redone from its unsorted values
+    ``A[rows, j]`` as the reference does it: the beta smallest distances, ties to the earlier
+    row (without ``A``, such ties go to the right)."""
     W = theta - beta + 1
     lo_m, hi_m = (theta - 1) // 2, theta // 2
 
-    def kernel(S: np.ndarray) -> np.ndarray:
-        if W > 1:
-            two_med = S[:, lo_m].astype(np.float64) + S[:, hi_m]
-            pair = S[:, :W - 1].astype(np.float64)
-            pair += S[:, beta:beta + W - 1]
-            start = np.count_nonzero(pair <= two_med[:, None], axis=1)
-        else:
-            start = np.zeros(S.shape[0], dtype=np.int64)
+    steps = max(0, math.ceil(math.log2(W))) if W > 1 else 0
+
+    def kernel(S: np.ndarray, j: int | None = None) -> np.ndarray:
+        b = S.shape[0]
         flat = S.reshape(-1)
-        at = np.arange(S.shape[0]) * theta + start
+        base = np.arange(b) * theta
+        two_med = flat[base + lo_m].astype(np.float64) + flat[base + hi_m]
+        lo = np.zeros(b, dtype=np.int64)  # binary search for the prefix length, in [0, W - 1]
+        hi = np.full(b, W - 1, dtype=np.int64)
+        for _ in range(steps):
+            mid = (lo + hi) >> 1
+            at = base + mid
+            move = (flat[at].astype(np.float64) + flat[at + beta] <= two_med) & (lo < hi)
+            lo = np.where(move, mid + 1, lo)
+            hi = np.where(move | (lo >= hi), hi, mid)
+        start = lo
+        at = base + start
         acc = np.zeros(S.shape[0], dtype=S.dtype)
         for k in range(beta):  # beta gathers of one value per row beat one [b, beta] gather
             acc += flat[at + k]
-        return acc / S.dtype.type(beta)
+        acc /= S.dtype.type(beta)
+        if A is not None and j is not None:
+            prev = np.maximum(at - 1, base)
+            tie = np.flatnonzero((start > 0) & (flat[prev].astype(np.float64) + flat[prev + beta] == two_med))
+            if len(tie):  # the float64 reference's own rule, in row order
+                X = A[:, j + tie] if rows is None else A[np.ix_(rows, j + tie)]
+                X = X.astype(np.float64)
+                dist = np.abs(X - np.median(X, axis=0))
+                pick = np.argsort(dist, axis=0, kind="stable")[:beta]
+                acc[tie] = np.take_along_axis(X, pick, axis=0).mean(0)
+        return acc
 
+    kernel.at = True
     return kernel
-
-
-def krum_scores(D: torch.Tensor, f: int) -> torch.Tensor:
-    """Krum score of each row: sum of squared distances to its n - f - 2 nearest other rows."""
-    n = D.shape[0]
-    if n == 1:
-        return torch.zeros(1, dtype=D.dtype, device=D.device)
-    E = D.clone()
-    E.fill_diagonal_(float("inf"))
-    k = min(max(n - f - 2, 1), n - 1)  # Bulyan's last rounds run below Krum's bound: keep k >= 1
-    return torch.topk(E, k, dim=1, largest=False).values.sum(1)
 
 
 # ----------------------------------------------------------------------------- exact choices
@@ -538,7 +551,8 @@ class Bulyan(Aggregator):
         dist = Distances(U, rows, float64=True)
         first, chosen = iterated_krum(dist, f, theta)
         chosen_t = torch.tensor(sorted(chosen), dtype=torch.long)
-        g = sorted_column_map(U, bulyan_kernel(theta, beta), idx[chosen_t])
+        sel = idx[chosen_t]
+        g = sorted_column_map(U, bulyan_kernel(theta, beta, readable(U), sel.numpy()), sel)
         keep = torch.zeros(n, dtype=torch.bool)
         keep[chosen_t] = True
         return finite_or_raise(self.name, g), make_report(
