@@ -605,3 +605,15 @@ def test_bulyan_quantized_rows_break_distance_ties_like_the_reference(seed, n, f
     ref, chosen = ref_bulyan(U, f)
     assert torch.nonzero(rep.selected).flatten().tolist() == chosen
     assert torch.allclose(got, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("theta,beta", [(60, 20), (11, 3), (7, 7), (5, 1), (8, 4), (9, 1), (300, 100)])
+def test_bulyan_kernel_is_the_closest_beta_mean(theta, beta):
+    rng = np.random.default_rng(theta * 31 + beta)
+    S = np.sort(rng.standard_normal((400, theta)).astype(np.float32), axis=1)
+    got = robust.bulyan_kernel(theta, beta)(S)
+    ref = []
+    for row in S.astype(np.float64):
+        med = np.median(row)
+        ref.append(row[np.argsort(np.abs(row - med), kind="stable")[:beta]].mean())
+    assert np.allclose(got, ref, atol=3e-7)

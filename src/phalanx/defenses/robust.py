@@ -244,7 +244,7 @@ def bulyan_kernel(theta: int, beta: int, A: np.ndarray | None = None,
         lo = np.zeros(b, dtype=np.int64)  # binary search for the prefix length, in [0, W - 1]
         hi = np.full(b, W - 1, dtype=np.int64)
         for _ in range(steps):
-            mid = (lo + hi) >> 1
+            mid = np.minimum((lo + hi) >> 1, W - 2)  # rows already settled (lo == hi) stay in range
             at = base + mid
             move = (flat[at].astype(np.float64) + flat[at + beta] <= two_med) & (lo < hi)
             lo = np.where(move, mid + 1, lo)
