@@ -22,7 +22,11 @@ class Spy(Aggregator):
 
 
 if "spy_for_tests" not in DEFENSES:
-    DEFENSES.register("spy_for_tests")(lambda: Spy())
+    def spy_for_tests():
+        """A mean that records what it is given (test only)."""
+        return Spy()
+
+    DEFENSES.register("spy_for_tests")(spy_for_tests)
 
 
 def test_round_context_has_no_malicious_field():
