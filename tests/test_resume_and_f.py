@@ -165,3 +165,33 @@ def test_a_clean_run_has_no_attackers_to_quarantine(tiny_config):
     fed = Federation(parse_config(tiny_config))
     final = fed.run()
     assert fed.attackers() == set() and "quarantined_attackers" not in final
+
+
+def test_sigterm_on_phalanx_run_marks_the_run_interrupted(tiny_config, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    tiny_config["federation"].update(rounds=200, num_clients=6)
+    cfgp = tmp_path / "c.yaml"
+    cfgp.write_text(yaml.safe_dump(tiny_config))
+    db = tmp_path / "r.db"
+    proc = subprocess.Popen([sys.executable, "-c", "from phalanx.cli import main; main()", "run", str(cfgp),
+                             "--db", str(db), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until a few rounds are stored
+        if db.exists():
+            runs = Store(db).runs()
+            if runs and len(Store(db).read_run(runs[0]["run_id"]).rounds) >= 3:
+                break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    (run,) = Store(db).runs()
+    assert run["status"] == "interrupted", out
+    assert proc.returncode == 130 and "--resume" in out

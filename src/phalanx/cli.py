@@ -114,6 +114,9 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
                                           f"({m['seconds']:.1f}s)", highlight=False)
                 bar.advance(task)
 
+            from .bench import _sigterm_interrupts
+
+            restore = _sigterm_interrupts()  # `kill` marks the run interrupted, like Ctrl-C
             try:
                 final = fedn.run(store, run_id=run_id, on_round=on_round, checkpoint=checkpoint)
             except KeyboardInterrupt:
@@ -123,6 +126,8 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
                               + "".join(f" --set {s}" for s in set_ or [])
                               + "".join(f" --plugin {p}" for p in plugins), highlight=False)
                 raise typer.Exit(130)
+            finally:
+                restore()
         summary(cfg, final, fedn.run_id, db)
     except PhalanxError as e:
         fail(str(e))
