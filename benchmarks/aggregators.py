@@ -506,7 +506,7 @@ def run(a: argparse.Namespace) -> None:
     f = a.f if a.f is not None else default_f(n)
     U, server = attacked_matrix(n, d, f)
     ref = Reference(U, f, a.repeats)
-    floor = lambda: best_ms(lambda: U.sum(0), max(3, a.repeats))  # noqa: E731
+    floor = lambda: best_ms(lambda: U.sum(0), max(5, a.repeats))  # noqa: E731
 
     print(f"aggregators: n={n}, d={d:,}, f={f}, float32, torch threads={torch.get_num_threads()}, "
           f"best of {a.repeats}")
@@ -520,7 +520,7 @@ def run(a: argparse.Namespace) -> None:
     cols = min(d, a.check_cols)
     Uc = U[:, :cols].contiguous()
     calls = our_calls(U, f, server)
-    rows = []
+    byz = flw = None
     for label, (call, fresh) in calls.items():
         fl = floor()
         try:
@@ -532,22 +532,22 @@ def run(a: argparse.Namespace) -> None:
             continue
         report = out[-1][1] if isinstance(out[-1], tuple) else None
         infos[label] = dict(report.info) if report is not None else {}
-        rows.append((label, ms, fl, chk, report))
         out.clear()
-    byz = byzfl_rules(U, f, infos)
-    flw = flower_rules(U, f, a.budget)
-    for label, ms, fl, chk, report in rows:
+        # the other libraries right after ours, on the same matrix (ByzFL takes our iteration
+        # count and tau, so it is built once our first rules have run)
+        byz = byzfl_rules(U, f, infos)
+        flw = flw if flw is not None else flower_rules(U, f, a.budget)
+        bz = run_external(byz, label, a.repeats, a.budget).text(fl)
+        fw = run_external(flw, label, a.repeats, a.budget).text(fl)
         r = ref.for_rule(label, report)
         ref_txt, ref_ms = (r[0], r[1]) if r else ("-", None)
         results[label] = (ms, ms / fl, ref_ms)
-        bz = run_external(byz, label, a.repeats, a.budget).text(fl)
-        fw = run_external(flw, label, a.repeats, a.budget).text(fl)
         faster = f"{ref_ms / ms:10.1f}" if ref_ms else f"{'-':>10}"
         ref_col = f"{ref_ms:11.1f}" if ref_ms else f"{'-':>11}"
         err = "nonfinite" if not chk["finite"] else f"{chk['err']:.1e}" if chk["err"] is not None else "-"
         att = f"{chk['out']}/{f}" if chk["out"] is not None else "-"
         print(f"{label:<20}{ms:10.1f}{ms / fl:9.1f}  {ref_txt:<24}{ref_col}{faster}{bz:>9}{fw:>10}"
-              f"{err:>10}{chk['dev']:>10.3f}{att:>15}")
+              f"{err:>10}{chk['dev']:>10.3f}{att:>15}", flush=True)
         checks[label] = chk
     fl = floor()
     ms = best_ms(layered_call(U, f), a.repeats)
@@ -583,29 +583,23 @@ def scaling(a: argparse.Namespace) -> str:
         f = default_f(n)
         U, server = attacked_matrix(n, d, f, seed=1)
         calls = our_calls(U, f, server, SCALING)
-        infos = {}
-        ours = {}
+        infos: dict[str, dict] = {}
+        flw = flower_rules(U, f, a.budget)
+        small = U.numel() * U.element_size() < (64 << 20)  # the floor is noisier on small U
         for label in SCALING:
             if label not in calls:
-                ours[label] = None
+                table[label].append(f"{'-':>24}")
                 continue
-            fl = best_ms(lambda: U.sum(0), max(3, a.repeats))
+            fl = best_ms(lambda: U.sum(0), 20 if small else max(5, a.repeats))
             try:
                 out = []
                 ms = best_ms(lambda: out.append(calls[label][0]()), a.repeats)
-                ours[label] = (ms, fl)
                 rep = out[-1][1] if isinstance(out[-1], tuple) else None
                 infos[label] = dict(rep.info) if rep is not None else {}
-            except Exception as e:  # noqa: BLE001  (a bound the rule refuses at this n)
-                ours[label] = None
-                infos[label] = {"error": type(e).__name__}
-        byz = byzfl_rules(U, f, infos)
-        flw = flower_rules(U, f, a.budget)
-        for label in SCALING:
-            if ours[label] is None:
+            except Exception:  # noqa: BLE001  (a bound the rule refuses at this n)
                 table[label].append(f"{'-':>24}")
                 continue
-            ms, fl = ours[label]
+            byz = byzfl_rules(U, f, infos)  # right after ours, with our iteration count and tau
             tb = run_external(byz, label, a.repeats, a.budget)
             tf = run_external(flw, label, a.repeats, a.budget)
             if n == ns[-1] and byz is not None and label in byz:
