@@ -70,8 +70,8 @@ def mix_rows(U: torch.Tensor, rows: torch.Tensor | None, M: torch.Tensor, which:
 
 class NNM(Layer):
     """Nearest Neighbour Mixing (Allouah et al. 2023): replace each row by the mean of its n - f
-    nearest rows (itself included; ties to the lower index), with one distance matrix (the
-    float32 Gram, rows whose neighbour sets it cannot settle re-checked in float64) and one
+    nearest rows (itself included; ties to the lower index), with one distance matrix (a float64
+    Gram; rows whose neighbour sets its error bound cannot settle are re-checked) and one
     [n, n] x [n, d] product (rows with the same neighbour set mixed once). Keeps n rows and their
     weights (rows with w == 0 pass through unchanged). Needs n > 2f (the paper's setting: fewer
     than half of the clients Byzantine).
@@ -87,7 +87,10 @@ class NNM(Layer):
         n, f = len(idx), self.f
         require_rows(self.name, n, 2 * f + 1, "n > 2f", f)
         k = n - f
-        dist = Distances(U, rows)
+        # float64 distances: once earlier layers have dropped attackers, or f overestimates them,
+        # the cut at k falls inside the honest rows, where distances differ by ~1e-5: float32
+        # ones leave nearly every row open, and re-checking them costs more than float64 at once
+        dist = Distances(U, rows, float64=True)
         near = nearest_sets(dist, k)  # each row first in its own set, ties to the lower index
         scores = dist.D.gather(1, near).clamp_min(0).sum(1) / max(k - 1, 1)
         sets, which = torch.unique(near.sort(1).values, dim=0, return_inverse=True)
