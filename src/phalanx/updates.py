@@ -271,28 +271,44 @@ def combine(coef: torch.Tensor, U: torch.Tensor, rows: torch.Tensor | None = Non
 
 # ----------------------------------------------------------------------------- Gram matrices
 
+def sample_sq_dists(U: torch.Tensor, rows: torch.Tensor | None = None, cols: int = 1024):
+    """Squared distances between the rows (``rows`` of them) on at most ``cols`` evenly spaced
+    columns, float64 [n, n] (rows with NaN/inf there: +inf), the rows' squared norms there, and
+    the number of columns used. A cheap sketch: relative differences between distances shrink
+    like 1/sqrt(columns) for noisy rows."""
+    A = U.detach()
+    r = torch.arange(U.shape[0]) if rows is None else rows.cpu()
+    n, d = len(r), U.shape[1]
+    s = int(min(d, cols, max(64, (1 << 25) // max(n * n, 1))))
+    idx = torch.unique(torch.linspace(0, d - 1, s).round().long())
+    S = A.index_select(1, idx.to(A.device))
+    S = (S if rows is None else S[r.to(A.device)]).double().cpu()
+    ok = torch.isfinite(S).all(1)
+    S = torch.where(ok[:, None], S, 0.0)
+    norms = (S * S).sum(1)
+    C = S - S.mean(0)
+    sq = (C * C).sum(1)
+    D = (sq[:, None] + sq[None, :] - 2.0 * (C @ C.T)).clamp_min(0)
+    D.fill_diagonal_(0.0)
+    D[~ok] = math.inf
+    D[:, ~ok] = math.inf
+    D.diagonal()[~ok] = 0.0
+    return D, norms, len(idx)
+
+
 def central_row(U: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[int, float]:
     """A row near the middle of the cloud, and how far the rows sit from the origin compared with
     each other. On a sample of evenly spaced columns (float64): the row whose n/2 nearest rows
     are closest (index into U), and median |u_i|^2 / median |u_i - u_j|^2. A Gram matrix centred
     on that row has entries of the size of the distances, whatever offset the rows share; when
     the ratio is small the rows themselves already do."""
-    A = U.detach()
     r = torch.arange(U.shape[0]) if rows is None else rows.cpu()
-    n, d = len(r), U.shape[1]
-    s = int(min(d, 1024, max(64, (1 << 25) // max(n * n, 1))))
-    cols = torch.unique(torch.linspace(0, d - 1, s).round().long())
-    S = A.index_select(1, cols.to(A.device))
-    S = (S if rows is None else S[r.to(A.device)]).double().cpu()
-    ok = torch.isfinite(S).all(1)
+    D, norms, _ = sample_sq_dists(U, rows)
+    ok = torch.isfinite(D).all(1)
     if not bool(ok.any()):
         return int(r[0]), math.inf
-    S = S[ok]
-    norms = (S * S).sum(1)
-    C = S - S.mean(0)
-    sq = (C * C).sum(1)
-    D = (sq[:, None] + sq[None, :] - 2.0 * (C @ C.T)).clamp_min(0)
-    k = max(1, S.shape[0] // 2)
+    D, norms = D[ok][:, ok], norms[ok]
+    k = max(1, D.shape[0] // 2)
     score = torch.topk(D, k, dim=1, largest=False).values.sum(1)
     spread = float(D[~torch.eye(len(D), dtype=torch.bool)].median()) if len(D) > 1 else 0.0
     ratio = float(norms.median()) / spread if spread > 0 else math.inf

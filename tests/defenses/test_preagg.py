@@ -291,3 +291,21 @@ def test_bucketing_means_match_index_add():
     assert sorted(sum(buckets, [])) == [i for i in range(11) if i != 2]
     ref = torch.stack([U[b].double().mean(0) for b in buckets]).mean(0)
     assert torch.allclose(out.double(), ref, atol=1e-6)
+
+
+def test_nnm_float32_and_float64_paths_agree(monkeypatch):
+    from phalanx.defenses import preagg
+
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(20000, generator=g)
+    U = base + torch.randn(30, 20000, generator=g)
+    U[:4] = -3 * base
+    w = torch.ones(30)
+    w[[2, 11]] = 0  # f = 6 > 2 active attackers: the cut falls inside the honest rows
+    outs = []
+    for tight in (False, True):
+        monkeypatch.setattr(preagg, "cut_is_tight", lambda U, rows, k, tight=tight: tight)
+        outs.append(DEFENSES.build("nnm", f=6)(U, w, simple_round_context(U))[0])
+    assert torch.equal(outs[0], outs[1])
+    ref, _ = nnm_reference(U[w > 0], 6)
+    assert torch.allclose(outs[0][w > 0], ref, atol=1e-5)

@@ -25,7 +25,8 @@ import torch
 from ..context import RoundContext
 from ..errors import PhalanxError
 from ..registry import DEFENSES
-from ..updates import Distances, column_tasks, new_matrix, readable, row_sq_norms, run_chunks
+from ..updates import (Distances, column_tasks, new_matrix, readable, row_sq_norms, run_chunks,
+                       sample_sq_dists)
 from .base import Aggregator, Layer, check_nonneg_int, check_positive, require_rows
 from .robust import (check_int, combine, finite_or_raise, make_report, nearest_sets, prepare,
                      prepare_rows)
@@ -68,10 +69,27 @@ def mix_rows(U: torch.Tensor, rows: torch.Tensor | None, M: torch.Tensor, which:
     return out_t.to(U.dtype) if out_t.dtype != U.dtype else out_t
 
 
+def cut_is_tight(U: torch.Tensor, rows: torch.Tensor | None, k: int) -> bool:
+    """Whether most rows' k-th and (k+1)-th nearest rows (itself first) are expected closer
+    than float32 distances can tell: then float64 distances at once beat float32 ones re-checked
+    row by row. Once earlier layers have dropped the attackers, or f overestimates them, the cut
+    falls inside the honest rows, whose distances differ by ~1e-5 at d = 1e6. Read off a column
+    sample: relative gaps there shrink by sqrt(sample / d) on all the columns."""
+    n = U.shape[0] if rows is None else len(rows)
+    if k >= n:
+        return False
+    D, _, s = sample_sq_dists(U, rows)
+    near = torch.sort(D, dim=1).values  # itself (0) first
+    a, b = near[:, k - 1], near[:, k]
+    gap = ((b - a) / b.clamp_min(1e-300)).nan_to_num(1.0, 1.0, 1.0) * math.sqrt(s / U.shape[1])
+    return float(gap.median()) < 3e-4
+
+
 class NNM(Layer):
     """Nearest Neighbour Mixing (Allouah et al. 2023): replace each row by the mean of its n - f
-    nearest rows (itself included; ties to the lower index), with one distance matrix (a float64
-    Gram; rows whose neighbour sets its error bound cannot settle are re-checked) and one
+    nearest rows (itself included; ties to the lower index), with one distance matrix (the
+    float32 Gram, or a float64 one when ``cut_is_tight``; rows whose neighbour sets its error
+    bound cannot settle are re-checked in float64) and one
     [n, n] x [n, d] product (rows with the same neighbour set mixed once). Keeps n rows and their
     weights (rows with w == 0 pass through unchanged). Needs n > 2f (the paper's setting: fewer
     than half of the clients Byzantine).
@@ -87,10 +105,7 @@ class NNM(Layer):
         n, f = len(idx), self.f
         require_rows(self.name, n, 2 * f + 1, "n > 2f", f)
         k = n - f
-        # float64 distances: once earlier layers have dropped attackers, or f overestimates them,
-        # the cut at k falls inside the honest rows, where distances differ by ~1e-5: float32
-        # ones leave nearly every row open, and re-checking them costs more than float64 at once
-        dist = Distances(U, rows, float64=True)
+        dist = Distances(U, rows, float64=cut_is_tight(U, rows, k))
         near = nearest_sets(dist, k)  # each row first in its own set, ties to the lower index
         scores = dist.D.gather(1, near).clamp_min(0).sum(1) / max(k - 1, 1)
         sets, which = torch.unique(near.sort(1).values, dim=0, return_inverse=True)
