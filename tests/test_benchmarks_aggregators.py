@@ -54,8 +54,9 @@ def test_aggregators_benchmark_smoke():
         if name not in NOT_ROBUST:
             assert dev < 1.0 or out == f"{f}/{f}", (name, dev, out)
     assert re.search(r"11 rules against a float64 reference .*all within tolerance", res.stdout), res.stdout
-    layered = next(line for line in lines if line.startswith("layered"))
-    assert float(layered.split()[1]) > 0, layered
+    for name in ("layered", "layered-14"):
+        layered = next(line for line in lines if line.split()[0] == name)
+        assert float(layered.split()[1]) > 0, layered
     # the scaling table: a row per rule, one cell (ours / ByzFL / Flower) per n
     at = lines.index(next(line for line in lines if line.startswith("scaling at d=")))
     scale_rows = {ln.split()[0]: ln for ln in lines[at + 3:] if ln and not ln.startswith("x floor")}
@@ -65,5 +66,5 @@ def test_aggregators_benchmark_smoke():
         assert len(re.findall(r"(\d+\.\d|-) / \S+ / \S+", line)) == 2, line
     assert re.fullmatch(r"x floor at n=12, d=4,096: median \d+\.\d, trimmed_mean \d+\.\d, krum \d+\.\d, "
                         r"multi_krum \d+\.\d, geomed \d+\.\d, centered_clipping \d+\.\d, bulyan \d+\.\d, "
-                        r"nnm\+mean \d+\.\d, layered \d+\.\d; (ByzFL not installed|n=20, d=2,048: faster than "
+                        r"nnm\+mean \d+\.\d, layered \d+\.\d, layered-14 \d+\.\d; (ByzFL not installed|n=20, d=2,048: faster than "
                         r"ByzFL on \d+/\d+ rules)", lines[-1]), lines[-1]
