@@ -215,33 +215,52 @@ def vectorized_momentum_updates(model: nn.Module, global_params: torch.Tensor,
     budget = [min(spec.epochs * s, spec.max_steps or 10**12) for s in per_epoch]
     done = [0] * k
     losses = torch.zeros(k, dtype=torch.float64)
-    xshape = data[0][0].shape[1:]
+    # every client's samples in one tensor; a step gathers all live clients' batches at once
+    X, Y = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+    offsets = torch.tensor([0] + counts[:-1]).cumsum(0)
+    width = max(per_epoch) * B
     model.train()
     for _ in range(spec.epochs):
         orders = [torch.randperm(n, generator=g) if done[c] < budget[c] else None
                   for c, (n, g) in enumerate(zip(counts, gens))]
+        index = torch.zeros(k, width, dtype=torch.long)  # row c: client c's shuffled samples, padded
+        valid = torch.zeros(k, width)
+        for c, order in enumerate(orders):
+            if order is not None:
+                index[c, :len(order)] = order + offsets[c]
+                valid[c, :len(order)] = 1.0
         for s in range(max(per_epoch)):
             live = [c for c in range(k) if orders[c] is not None and s < per_epoch[c] and done[c] < budget[c]]
             if not live:
                 break
-            xb = torch.zeros(k, B, *xshape)
-            yb = torch.zeros(k, B, dtype=torch.long)
-            mb = torch.zeros(k, B)
-            for c in live:
-                idx = orders[c][s * B:(s + 1) * B]
-                x, y = data[c][0][idx], data[c][1][idx]
+            # only the clients still training take part in the step (Dirichlet parts differ in size);
+            # padded slots point at sample 0 with weight 0
+            m = len(live)
+            rows = None if m == k else torch.tensor(live)
+            cols = slice(s * B, (s + 1) * B)
+            idx = index[:, cols] if rows is None else index[rows, cols]
+            xb, yb = X[idx], Y[idx]
+            mb = (valid[:, cols] if rows is None else valid[rows, cols]).clone()
+            for j, c in enumerate(live):
                 if poisons[c] is not None:
-                    x, y = poisons[c](x, y, gens[c])
-                xb[c, :len(y)], yb[c, :len(y)], mb[c, :len(y)] = x, y, 1.0
-            grads, vals = step_fn(theta, xb, yb, mb)
-            on = torch.zeros(k, dtype=torch.bool)
-            on[live] = True
+                    n = int(mb[j].sum())
+                    x, y = poisons[c](xb[j, :n], yb[j, :n], gens[c])
+                    xb[j, :len(y)], yb[j, :len(y)] = x, y
+                    mb[j] = 0.0
+                    mb[j, :len(y)] = 1.0
+            th = theta if rows is None else theta[rows]
+            grads, vals = step_fn(th, xb, yb, mb)
             if spec.weight_decay:
-                grads = grads + spec.weight_decay * theta
-            new_buf = spec.momentum * buf + grads if spec.momentum else grads
-            buf = torch.where(on[:, None], new_buf, buf)
-            theta = torch.where(on[:, None], theta - spec.lr * buf, theta)
-            losses += torch.where(on, vals.double(), torch.zeros((), dtype=torch.float64))
+                grads = grads.add_(th, alpha=spec.weight_decay)
+            if rows is None:  # every client steps: update in place
+                step = buf.mul_(spec.momentum).add_(grads) if spec.momentum else grads
+                theta.sub_(step, alpha=spec.lr)
+            else:
+                step = buf[rows].mul_(spec.momentum).add_(grads) if spec.momentum else grads
+                if spec.momentum:
+                    buf[rows] = step
+                theta[rows] = th.sub_(step, alpha=spec.lr)
+            losses[live] += vals.double()
             for c in live:
                 done[c] += 1
     U = theta - global_params
