@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 import phalanx.federation as federation
 from phalanx.bench import cell_key, expand, load_grid, parse_grid, run_grid
 from phalanx.bench_privacy import audit_rule
-from phalanx.bench_cli import register
+from phalanx.cli.bench import register
 from phalanx.config import parse_config
 from phalanx.errors import ConfigError
 from phalanx.store import Store

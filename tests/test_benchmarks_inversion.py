@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from phalanx.errors import PhalanxError
-from phalanx.invert_cli import DefenseSpec, app, parse_defense, parse_seeds
+from phalanx.cli.invert import DefenseSpec, app, parse_defense, parse_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 

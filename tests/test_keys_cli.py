@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from phalanx.defenses.signing import KeyRegistry
-from phalanx.keys_cli import app
+from phalanx.cli.keys import app
 
 runner = CliRunner()
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import typer
 
-from .attacks import inversion as inv
-from .errors import PhalanxError
-from .leakage import LeakageScores, score
-from .models import build_model
+from ..attacks import inversion as inv
+from ..errors import PhalanxError
+from ..leakage import LeakageScores, score
+from ..models import build_model
 
 DEFENSE_KINDS = ("none", "noise", "laplace", "prune", "clip", "dpsgd")
 # DP-SGD audit setting: a local set of 100 samples, batch 1 (q = 0.01), 10 epochs (1,000 steps).
@@ -80,7 +80,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def dpsgd_noise(eps: float) -> float:
     """Noise multiplier for DP-SGD at ``eps`` in the audit setting (q = 0.01, 1,000 steps, delta 1e-5)."""
-    from .defenses.privacy import noise_for_epsilon
+    from ..defenses.privacy import noise_for_epsilon
 
     return noise_for_epsilon(eps, DPSGD_SAMPLE_RATE, DPSGD_STEPS, DPSGD_DELTA)
 
@@ -88,7 +88,7 @@ def dpsgd_noise(eps: float) -> float:
 def shared_target(model, x, y, defense: DefenseSpec, update_kind: str = "gradient",
                   local_steps: int = 1, lr: float = 0.1, seed: int = 0) -> torch.Tensor:
     """The flat vector the client shares: its gradient or FedAvg update, after the defense."""
-    from .defenses import privacy as priv
+    from ..defenses import privacy as priv
 
     gen = torch.Generator().manual_seed(10_000 + seed)
     if defense.kind == "dpsgd":
@@ -230,11 +230,11 @@ def invert(dataset: str = typer.Option("fashion-mnist", help="registered dataset
     """Reconstruct training images from a (defended) gradient and score the leakage."""
     from rich.console import Console
 
-    from .data.datasets import load_dataset
+    from ..data.datasets import load_dataset
 
     console = Console()
     try:
-        from .plugins import command_line
+        from ..plugins import command_line
 
         command_line(plugin)
         spec = parse_defense(defense)

@@ -1,67 +1,32 @@
-"""The ``phalanx`` command line: run, list, show, export (and, from their own modules, keys, invert, bench, report)."""
+"""The root ``phalanx`` app and its commands run, list, show and export."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import PhalanxError
+from ..errors import PhalanxError
+from .common import console, fail, fmt, is_fraction, metric, plugin_option, runs_table, use_plugins
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="phalanx: federated learning under Byzantine attack.")
-console = Console()
-
-
-def fail(msg: str) -> None:
-    from rich.markup import escape
-
-    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-PLUGIN_HELP = "import your own module first: a .py file or a dotted module name (repeatable)"
-
-
-def plugin_option():
-    return typer.Option(None, "--plugin", metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
-
-
-def use_plugins(specs: Optional[List[str]]) -> list[str]:
-    """Import the command's ``--plugin`` entries (and those given before the command); all of them,
-    resolved. A plug-in that cannot be imported is one error line."""
-    from .plugins import command_line
-
-    try:
-        return command_line(specs)
-    except PhalanxError as e:
-        fail(str(e))
 
 
 @app.callback()
 def _root(plugin: Optional[List[str]] = plugin_option()) -> None:
     """phalanx: federated learning under Byzantine attack."""
-    from .plugins import set_command_line
+    from ..plugins import set_command_line
 
     try:
         set_command_line(plugin)
     except PhalanxError as e:
         fail(str(e))
-
-
-def fmt(v, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
 
 
 @app.command()
@@ -76,10 +41,10 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
         plugin: Optional[List[str]] = plugin_option()):
     """Run one experiment, with a progress bar and a final summary table."""
     import phalanx  # noqa: F401  (registers everything)
-    from .checkpoint import load_checkpoint
-    from .config import load_config
-    from .federation import Federation
-    from .store import Store
+    from ..checkpoint import load_checkpoint
+    from ..config import load_config
+    from ..federation import Federation
+    from ..store import Store
 
     plugins = use_plugins(plugin)
     try:
@@ -114,7 +79,7 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
                                           f"({m['seconds']:.1f}s)", highlight=False)
                 bar.advance(task)
 
-            from .bench import _sigterm_interrupts
+            from ..bench import _sigterm_interrupts
 
             restore = _sigterm_interrupts()  # `kill` marks the run interrupted, like Ctrl-C
             try:
@@ -139,8 +104,8 @@ def checkpoint_path(db: Path, run_id: str) -> Path:
 
 def resumable_run(store, cfg, db: Path, checkpoint: Path | None) -> tuple[str, Path]:
     """The newest unfinished run of this exact config that has a checkpoint: (run id, checkpoint)."""
-    from .checkpoint import load_checkpoint
-    from .store import dumps
+    from ..checkpoint import load_checkpoint
+    from ..store import dumps
 
     if checkpoint is not None:
         if not checkpoint.exists():
@@ -176,7 +141,7 @@ def list_(kind: Optional[str] = typer.Argument(None, metavar="[KIND]", help="onl
           plugin: Optional[List[str]] = plugin_option()):
     """What a config can name: datasets, models, attacks and data poisons by family, defense stages by kind."""
     import phalanx  # noqa: F401
-    from .catalog import FOOTNOTE, KEYS, tables
+    from ..catalog import FOOTNOTE, KEYS, tables
 
     use_plugins(plugin)
     if kind is not None and kind not in KEYS:
@@ -187,29 +152,11 @@ def list_(kind: Optional[str] = typer.Argument(None, metavar="[KIND]", help="onl
     console.print(FOOTNOTE, style="dim", highlight=False)
 
 
-def is_fraction(key: str) -> bool:
-    """Is this metric a fraction in [0, 1], shown as a percentage (accuracy, attack success, AUPRC, ...)?"""
-    return key == "accuracy" or key.startswith(("asr", "auprc", "roc_auc", "recall", "precision", "best_f1",
-                                                "det_precision", "det_recall", "quarantine_precision",
-                                                "quarantine_recall"))
-
-
-def metric(key: str, value) -> str:
-    """A metric for people: fractions as percentages (87.3%), other numbers to 3 significant digits."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if is_fraction(key):
-        return f"{100 * value:.1f}%"
-    return str(value) if isinstance(value, int) else f"{value:.3g}"
-
-
 @app.command()
 def show(db: Path = typer.Argument(..., help="SQLite results store"),
          plugin: Optional[List[str]] = plugin_option()):
     """The runs in a store with their final metrics (accuracy and other rates in %)."""
-    from .store import Store
+    from ..store import Store
 
     use_plugins(plugin)
     if not db.is_file():
@@ -221,41 +168,13 @@ def show(db: Path = typer.Argument(..., help="SQLite results store"),
     console.print(runs_table(runs, f"{len(runs)} run(s) in {db}"))
 
 
-def runs_table(runs: list[dict], title: str) -> Table:
-    """Runs with their final metrics, readable at 80 columns: the other final metrics go under the name."""
-    from rich import box
-    from rich.text import Text
-
-    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    t.add_column("run", no_wrap=True)
-    t.add_column("name", overflow="fold", ratio=1, min_width=12)
-    t.add_column("seed", justify="right")
-    t.add_column("status")
-    t.add_column("started", no_wrap=True)
-    t.add_column("min", justify="right")
-    t.add_column("accuracy", justify="right")
-    for r in runs:
-        started = dt.datetime.fromtimestamp(r["started"]).strftime("%m-%d %H:%M") if r["started"] else "-"
-        minutes = f"{(r['ended'] - r['started']) / 60:.1f}" if r["ended"] and r["started"] else "-"
-        final = r["final"]
-        other = [f"{k} {metric(k, v)}" for k, v in final.items() if k not in ("accuracy", "loss", "error")]
-        if final.get("error"):
-            other.append(f"error: {final['error']}")
-        cell = Text(r["name"] or "-")
-        if other:
-            cell.append("\n" + ", ".join(other), style="dim")
-        t.add_row(r["run_id"], cell, str(r["seed"]), r["status"], started, minutes,
-                  metric("accuracy", final.get("accuracy")))
-    return t
-
-
 @app.command()
 def export(db: Path = typer.Argument(..., help="SQLite results store"),
            format: str = typer.Option("csv", "--format", help="csv or json"),
            out: Path = typer.Option(Path("results/export"), help="folder for runs, rounds, clients and events files"),
            plugin: Optional[List[str]] = plugin_option()):
     """Write a store's runs, rounds, clients and events tables as CSV or JSON files."""
-    from .export import export_store
+    from ..export import export_store
 
     use_plugins(plugin)
     try:
@@ -264,20 +183,6 @@ def export(db: Path = typer.Argument(..., help="SQLite results store"),
         fail(str(e))
     for table, (path, n) in written.items():
         console.print(f"{table:8} {n:>8} rows  {path}", highlight=False)
-
-
-def _mount_subcommands() -> None:
-    """Attach the sub-commands that live in their own modules."""
-    from .bench_cli import register as register_bench
-    from .invert_cli import app as invert_app
-    from .keys_cli import app as keys_app
-
-    app.add_typer(keys_app, name="keys", help="Client key management (ECDSA P-256).")
-    app.add_typer(invert_app, name="invert")
-    register_bench(app)
-
-
-_mount_subcommands()
 
 
 def main() -> None:

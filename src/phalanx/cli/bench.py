@@ -10,16 +10,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .errors import PhalanxError
-
-console = Console()
-
-
-def _fail(msg: str) -> None:
-    from rich.markup import escape
-
-    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+from ..errors import PhalanxError
+from .common import console, fail, runs_table
 
 
 class RichProgress:
@@ -73,8 +65,8 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
                                                      "module name (repeatable); grid workers import it too")):
     """Run an attack x defense grid: parallel, stored, resumable (cells already done are skipped)."""
     import phalanx  # noqa: F401  (registers everything)
-    from .bench import load_grid, run_grid
-    from .plugins import command_line
+    from ..bench import load_grid, run_grid
+    from ..plugins import command_line
 
     try:
         spec = load_grid(grid, set_ or [], plugins=command_line(plugin))
@@ -88,7 +80,7 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
                       f"{len(outcome.failed)} failed, {outcome.probes} leakage probes, "
                       f"{outcome.seconds:.1f} s; stored in {db}", highlight=False)
         if outcome.interrupted:
-            _fail(f"interrupted; rerun the same command to resume ({db} keeps the finished cells)")
+            fail(f"interrupted; rerun the same command to resume ({db} keeps the finished cells)")
         try:
             _print_table(db, spec.name)
             if out is not None:
@@ -99,10 +91,10 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
             console.print(f"no table: {e}", highlight=False)
         if outcome.failed:
             label, err = outcome.failed[0]
-            _fail(f"{len(outcome.failed)} cell(s) failed (stored with their error; the report counts each as "
+            fail(f"{len(outcome.failed)} cell(s) failed (stored with their error; the report counts each as "
                   f"accuracy 0 and lists them; a rerun tries them again); first: {label}: {err}")
     except PhalanxError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def report(db: Path = typer.Argument(..., help="SQLite results store (of `phalanx bench` or `phalanx run`)"),
@@ -110,10 +102,9 @@ def report(db: Path = typer.Argument(..., help="SQLite results store (of `phalan
            grid: Optional[str] = typer.Option(None, help="only this grid (default: every grid in the store)"),
            plugin: Optional[List[str]] = typer.Option(None, "--plugin", metavar="FILE_OR_MODULE",
                                                       help="import your own module first (repeatable)")):
-    """A grid's comparative table in the terminal and an HTML report with plots (plus Markdown); for a
-    store of plain runs, the runs with their accuracy curves and per-client panels."""
-    from .plugins import command_line
-    from .report import is_grid_store
+    """A grid's comparison table and HTML report with plots; for plain runs, accuracy curves and client panels."""
+    from ..plugins import command_line
+    from ..report import is_grid_store
 
     try:
         command_line(plugin)
@@ -123,11 +114,11 @@ def report(db: Path = typer.Argument(..., help="SQLite results store (of `phalan
         _print_table(db, grid)
         _write(db, out, grid)
     except PhalanxError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def _print_table(db: Path, grid: str | None) -> None:
-    from .report import build, terminal_table
+    from ..report import build, terminal_table
 
     rep = build(db, grid)
     console.print(terminal_table(rep.results, rep.rows))
@@ -139,16 +130,15 @@ def _print_table(db: Path, grid: str | None) -> None:
 
 
 def _write(db: Path, out: Path, grid: str | None) -> None:
-    from .report import write_report
+    from ..report import write_report
 
     rep = write_report(db, out, grid)
     console.print(f"report: {rep.html} and {rep.markdown}", highlight=False)
 
 
 def _runs_report(db: Path, out: Path) -> None:
-    from .cli import runs_table
-    from .report.runs import write_runs_report
-    from .store import Store
+    from ..report.runs import write_runs_report
+    from ..store import Store
 
     rep = write_runs_report(db, out)
     with Store(db) as store:
@@ -162,7 +152,7 @@ def register(app: typer.Typer) -> None:
     app.command()(report)
 
 
-if __name__ == "__main__":  # python -m phalanx.bench_cli bench GRID ...
+if __name__ == "__main__":  # python -m phalanx.cli.bench bench GRID ...
     _app = typer.Typer(add_completion=False, no_args_is_help=True)
     register(_app)
     sys.exit(_app())

@@ -21,8 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import PhalanxError
-from .keys import KeyRegistry, _inside, fingerprint, load_private_key, new_private_key, write_private_key
+from ..errors import PhalanxError
+from ..keys import KeyRegistry, _inside, fingerprint, load_private_key, new_private_key, write_private_key
 
 app = typer.Typer(help="Manage client signing keys (ECDSA P-256) in a registry signed by an admin key.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
