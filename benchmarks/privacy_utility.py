@@ -38,7 +38,7 @@ import phalanx  # noqa: F401
 from phalanx.config import parse_config
 from phalanx.data import load_dataset
 from phalanx.federation import Federation
-from phalanx.cli.invert import audit_case, parse_defense
+from phalanx.inversion_audit import audit_case, parse_defense
 
 
 def settings(sigmas: list[float]) -> list[tuple[str, str, dict]]:

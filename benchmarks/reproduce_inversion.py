@@ -48,8 +48,8 @@ import torch
 
 from phalanx.data.datasets import load_dataset
 from phalanx.defenses.privacy import dp_epsilon
-from phalanx.cli.invert import (DPSGD_CLIP, DPSGD_DELTA, DPSGD_SAMPLE_RATE, DPSGD_STEPS, DefenseSpec,
-                                 audit_case, dpsgd_noise, save_grid)
+from phalanx.inversion_audit import (DPSGD_CLIP, DPSGD_DELTA, DPSGD_SAMPLE_RATE, DPSGD_STEPS, DefenseSpec,
+                                     audit_case, dpsgd_noise, save_grid)
 
 FULL = dict(seeds=20, steps={"dlg": 300, "idlg": 300, "ig": 600}, restarts=2, grid_restarts=1,
             batch_sizes=(1, 4, 8), local_steps=5,

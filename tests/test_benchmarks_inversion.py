@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from phalanx.cli.invert import app
 from phalanx.errors import PhalanxError
-from phalanx.cli.invert import DefenseSpec, app, parse_defense, parse_seeds
+from phalanx.inversion_audit import DefenseSpec, parse_defense, parse_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 
