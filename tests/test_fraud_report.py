@@ -20,11 +20,16 @@ GRID = {
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def db(tmp_path_factory):
     path = tmp_path_factory.mktemp("fr") / "fr.db"
     out = run_grid(parse_grid(GRID), path, workers=1)
     assert out.ran == 6 and not out.failed
-    return load_results(Store(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def results(db):
+    return load_results(Store(db))
 
 
 def test_binary_task_ticks_auprc(results):
@@ -48,3 +53,59 @@ def test_table_and_legend_say_auprc(results):
     cols, text, _ = headline(results, rows)
     assert any("AUPRC" in cell for row in text for cell in row)
     assert "tick AUPRC" in legend(results)
+
+
+@pytest.fixture(scope="module")
+def drawn(db):
+    """The report's figures as live matplotlib figures (key -> figure), captured before they are closed."""
+    from phalanx.report import build, plots
+
+    live, real = [], plots._png
+
+    def keep(fig):
+        live.append(fig)
+        return real(fig)
+
+    rep = build(db)
+    plots._png = keep
+    try:
+        with Store(db) as store:
+            out = plots.all_figures(rep.results, rep.rows, store)
+    finally:
+        plots._png = real
+    return {f.key: fig for f, fig in zip([f for f in out if f.png is not None], live)}, rep
+
+
+def test_figures_plot_auprc_not_accuracy(drawn):
+    figs, rep = drawn
+    res = rep.results
+    (scenario,) = res.scenarios
+    assert not any("accuracy" in k for k in figs), list(figs)
+    # per-round curves: each defense's line is its runs' AUPRC, labelled so
+    curves = figs["curves-auprc"]
+    panels = {ax.get_title(): ax for ax in curves.axes if ax.get_visible()}
+    assert panels["clean"].get_ylabel() == "test AUPRC"
+    for attack, ax in panels.items():
+        for line in ax.get_lines():
+            (run,) = res.group(scenario, attack, line.get_label())
+            auprc, acc = run.series("auprc"), run.series("accuracy")
+            assert list(line.get_ydata()) == pytest.approx(auprc), (attack, line.get_label())
+            assert list(line.get_ydata()) != pytest.approx(acc)
+    # heatmap: titled AUPRC, each printed value the cell's final AUPRC
+    key = next(k for k in figs if k.startswith("heatmap-auprc"))
+    ax = figs[key].axes[0]
+    assert ax.get_title() == "AUPRC (%)"
+    attacks = [t.get_text() for t in ax.get_xticklabels()]
+    by_label = {row.label: row.defense for row in rep.rows}  # a row label may add the f its stages assumed
+    defenses = [by_label[t.get_text()] for t in ax.get_yticklabels()]
+    for text in ax.texts:
+        j, i = (round(v) for v in text.get_position())
+        (run,) = res.group(scenario, attacks[j], defenses[i])
+        assert text.get_text() == f"{100 * run.final('auprc'):.1f}%"
+
+
+def test_runs_report_has_an_auprc_curve(db, tmp_path):
+    from phalanx.report.runs import write_runs_report
+
+    page = write_runs_report(db, tmp_path).html.read_text()
+    assert 'id="runs-auprc"' in page and "Test AUPRC per round" in page

@@ -65,9 +65,11 @@ def render(res: Results, rows: list[Summary], figures: list[Figure], title: str 
             f"{res.missing} not run yet "
             f"&middot; {len(res.defenses)} defenses x {len(res.attacks)} attacks x {len(seeds)} seed(s) "
             f"&middot; settings: {html.escape('; '.join(f'{d}, {p}, byzantine {b:g}' for d, p, b in res.scenarios))}")
-    per_attack = ("Final accuracy % ± std [min–max over seeds] and peak over rounds; backdoors: ASR % [min–max] "
-                  "and main accuracy." if len(seeds) > 1 else
-                  "Final accuracy % and peak over rounds (one seed); backdoors: ASR % and main accuracy.")
+    def per_attack(score: str) -> str:
+        return (f"Final {score} % ± std [min–max over seeds] and peak over rounds; backdoors: ASR % [min–max] "
+                f"and main {score}." if len(seeds) > 1 else
+                f"Final {score} % and peak over rounds (one seed); backdoors: ASR % and main {score}.")
+
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1><p class=\"meta\">{meta}</p>",
@@ -76,7 +78,8 @@ def render(res: Results, rows: list[Summary], figures: list[Figure], title: str 
     for s in res.scenarios:
         c, t, k = detail(res, rows, s)
         parts += [f"<h2>Per attack: {html.escape(f'{s[0]}, {s[1]}, byzantine {s[2]:g}')}</h2>",
-                  f'<p class="legend">{per_attack}</p>', _table(c, t, k)]
+                  f'<p class="legend">{per_attack("AUPRC" if res.metric(s) == "auprc" else "accuracy")}</p>',
+                  _table(c, t, k)]
     if res.failed:
         c, t = failures(res)
         parts += ["<h2>Failed runs</h2>", '<p class="legend">Runs the defense could not complete under the '

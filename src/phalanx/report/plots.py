@@ -134,13 +134,9 @@ def _seeds(res: Results) -> str:
     return "one seed" if n == 1 else f"mean over {n} seeds"
 
 
-def _score_name(rows: list[Summary], scenario) -> str:
-    """'AUPRC' where the scenario's cells score a binary (fraud) task, else 'accuracy'."""
-    for s in rows:
-        for (sc, _), e in s.cells.items():
-            if sc == scenario:
-                return "AUPRC" if getattr(e, "metric", "accuracy") == "auprc" else "accuracy"
-    return "accuracy"
+def score_name(res: Results, scenario) -> str:
+    """'AUPRC' where the report ticks AUPRC in ``scenario`` (a binary, imbalanced task), else 'accuracy'."""
+    return "AUPRC" if res.metric(scenario) == "auprc" else "accuracy"
 
 
 def cell_ticks(rows: list[Summary], scenario, attacks: list[str], backdoor: bool):
@@ -164,7 +160,8 @@ def cell_ticks(rows: list[Summary], scenario, attacks: list[str], backdoor: bool
 
 
 def heatmap(res: Results, rows: list[Summary], scenario, metric: str) -> Figure:
-    """Defense x attack, each cell coloured by its tick (the table's thresholds), its value printed in %."""
+    """Defense x attack, each cell coloured by its tick (the table's thresholds), its value printed in %;
+    ``metric`` is 'asr' for the backdoors, else the scenario's score (accuracy or AUPRC)."""
     import numpy as np
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.cm import ScalarMappable
@@ -172,17 +169,17 @@ def heatmap(res: Results, rows: list[Summary], scenario, metric: str) -> Figure:
     backdoor = metric == "asr"
     attacks = [a for a, f in res.attacks.items() if (f == "backdoor") == backdoor]
     key = f"heatmap-{metric}-{'-'.join(str(x) for x in scenario)}"
-    score = _score_name(rows, scenario)
+    score = score_name(res, scenario)
     title = f"{'Attack success rate' if backdoor else 'Final ' + score}: defense x attack"
     if backdoor:
         cap = (f"{_scen(scenario)}; {_seeds(res)}. Colours are the table's ticks: green held off (ASR under "
                f"{100 * THRESHOLDS['asr_held']:g}%), yellow partial (under {100 * THRESHOLDS['asr_partial']:g}%), "
                "red broken.")
     else:
-        cap = (f"{_scen(scenario)}; {_seeds(res)}. Colours are the table's ticks against the clean reference: "
+        cap = (f"{_scen(scenario)}; {_seeds(res)}. Colours are the table's ticks against the clean {score}: "
                f"green held (within {THRESHOLDS['accuracy_held']:g} points), yellow partial (within "
                f"{THRESHOLDS['accuracy_partial']:g}), red broken; in the clean column, each defense's own clean "
-               "accuracy against the reference.")
+               f"{score} against the reference.")
     if not attacks:
         return Figure(key, title, cap, note="no backdoor attacks in this grid" if backdoor else "no attacks")
     kinds = ["broken", "partial", "held", None]
@@ -219,10 +216,11 @@ def heatmap(res: Results, rows: list[Summary], scenario, metric: str) -> Figure:
 
 
 def curves(res: Results, scenario, metric: str) -> Figure:
-    """One panel per attack, one line per defense: ``metric`` per round, mean over seeds."""
+    """One panel per attack, one line per defense: ``metric`` ('accuracy', 'auprc' or 'asr') per round,
+    mean over seeds."""
     backdoor = metric == "asr"
     attacks = [a for a, f in res.attacks.items() if not backdoor or f == "backdoor"]
-    name = "Attack success rate" if backdoor else "Test accuracy"
+    name = "Attack success rate" if backdoor else "Test AUPRC" if metric == "auprc" else "Test accuracy"
     cap = f"{_scen(scenario)}; {_seeds(res)}. One panel per attack, one line per defense."
     if not attacks:
         return Figure(f"curves-{metric}", f"{name} per round", cap, note="no backdoor attacks in this grid")
@@ -236,7 +234,7 @@ def curves(res: Results, scenario, metric: str) -> Figure:
         ax.set_title(a)
         _percent_axis(ax)
         ax.set_xlabel("round")
-    _ylabel(axes, "attack success rate" if backdoor else "test accuracy")
+    _ylabel(axes, "attack success rate" if backdoor else "test AUPRC" if metric == "auprc" else "test accuracy")
     _legend_and_layout(fig, axes)
     return Figure(f"curves-{metric}", f"{name} per round", cap, _png(fig))
 
@@ -392,13 +390,15 @@ def _audit(res: Results) -> tuple[str, str]:
 
 
 def privacy_utility(res: Results, rows: list[Summary]) -> Figure:
-    """Median PSNR of the leakage audit against clean accuracy, one point per defense."""
+    """Median PSNR of the leakage audit against clean accuracy (AUPRC on a fraud grid), one point per defense."""
     attack, dataset = _audit(res)
+    pts = [(s.defense, s.psnr, s.clean.acc.mean) for s in rows if s.psnr is not None and s.clean and s.clean.acc]
+    scores = {s.clean.metric for s in rows if s.psnr is not None and s.clean and s.clean.acc}
+    score = "AUPRC" if scores == {"auprc"} else "accuracy or AUPRC" if "auprc" in scores else "accuracy"
     title = "Privacy-utility trade-off"
     cap = (f"Leakage: the median PSNR of {attack} reconstructions ({dataset} test images, batch 1) from the "
-           "update each defense lets through; lower means less leakage. Utility: the defense's final accuracy "
+           f"update each defense lets through; lower means less leakage. Utility: the defense's final {score} "
            "without attack (its worst setting).")
-    pts = [(s.defense, s.psnr, s.clean.acc.mean) for s in rows if s.psnr is not None and s.clean and s.clean.acc]
     if not pts:
         return Figure("privacy", title, cap, note="no leakage audit stored: add `privacy: {seeds: 3, steps: 200}` "
                                                   "to the grid")
@@ -417,7 +417,7 @@ def privacy_utility(res: Results, rows: list[Summary]) -> Figure:
                     arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
     ax.set_xlim(min(xs) - 2 * dx, max(xs) + 10 * dx)
     ax.set_xlabel(f"{attack} PSNR, dB (lower = more private)")
-    ax.set_ylabel("clean accuracy (%)")
+    ax.set_ylabel(f"clean {score} (%)")
     ax.grid(alpha=0.3)
     return Figure("privacy", title, cap, _png(fig))
 
@@ -431,11 +431,11 @@ def all_figures(res: Results, rows: list[Summary], store: Store) -> list[Figure]
 def _all_figures(res: Results, rows: list[Summary], store: Store) -> list[Figure]:
     figs: list[Figure] = []
     for s in res.scenarios:
-        figs += [heatmap(res, rows, s, "accuracy"), heatmap(res, rows, s, "asr")]
+        figs += [heatmap(res, rows, s, res.metric(s)), heatmap(res, rows, s, "asr")]
     if not res.scenarios:
         return [privacy_utility(res, rows)]
     s, cache = res.scenarios[0], {}
-    figs += [curves(res, s, "accuracy"), curves(res, s, "asr"), detection(res, s), reputation(res, store, s, cache),
+    figs += [curves(res, s, res.metric(s)), curves(res, s, "asr"), detection(res, s), reputation(res, store, s, cache),
              distribution(res, store, s, "norm", cache), distribution(res, store, s, "cosine", cache),
              drift(res, s), privacy_utility(res, rows)]
     return figs

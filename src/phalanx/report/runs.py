@@ -1,5 +1,6 @@
 """A report of plain runs (stores written by ``phalanx run``, with no grid): the runs with their
-final metrics, test accuracy per round for every run, and per-client panels for each run.
+final metrics, test accuracy (and AUPRC for binary tasks) per round for every run, and per-client panels
+for each run.
 
 ``write_runs_report(db, out)`` writes ``report.html`` (self-contained) and ``report.md`` into ``out``.
 The client panels show, per round, each client's update norm (malicious clients in red when the
@@ -48,8 +49,8 @@ def _series(run: RunRecord, key: str) -> tuple[list[int], list[float]]:
 
 
 def curves(runs: list[RunRecord], key: str = "accuracy") -> Figure:
-    """One line per run: ``key`` (accuracy or attack success rate) per round, in %."""
-    name = {"accuracy": "Test accuracy", "asr": "Attack success rate"}.get(key, key)
+    """One line per run: ``key`` (accuracy, AUPRC or attack success rate) per round, in %."""
+    name = {"accuracy": "Test accuracy", "auprc": "Test AUPRC", "asr": "Attack success rate"}.get(key, key)
     title = f"{name} per round"
     cap = "One line per run, at every evaluation round; the legend names each run and its id."
     drawn = [(r, *_series(r, key)) for r in runs]
@@ -180,8 +181,9 @@ def write_runs_report(db: str | Path, out: str | Path) -> RunsReport:
             raise PhalanxError(f"{db}: no runs in this store yet; run `phalanx run CONFIG --db {db}` first")
         with plt.rc_context(STYLE):
             figures = [curves(runs, "accuracy")]
-            if any(_series(r, "asr")[0] for r in runs):
-                figures.append(curves(runs, "asr"))
+            for key in ("auprc", "asr"):  # AUPRC: runs of binary, imbalanced (fraud) tasks
+                if any(_series(r, key)[0] for r in runs):
+                    figures.append(curves(runs, key))
             newest = runs[-MAX_CLIENT_PANELS:]
             figures += [client_panels(store, r) for r in reversed(newest)]
     finally:
