@@ -50,7 +50,7 @@ A scaling table follows: the same rules (ours, ByzFL's, Flower's) as multiples o
 n in {10, 100, 1000} at d = 100,000 (``--no-scaling`` skips it).
 
     python benchmarks/aggregators.py [--n 100] [--d 1000000] [--repeats 3] [--f F] [--threads T]
-                                     [--budget 30] [--no-scaling] [--smoke]
+                                     [--budget 30] [--no-scaling] [--smoke] [--only a,b,layered]
 
 ``--threads`` sets torch's and the BLAS libraries' thread count for both sides (default: torch's
 default). On a shared machine, many threads mostly measure contention.
@@ -426,7 +426,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="seconds past which another library's run is estimated from a sample")
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     ap.add_argument("--smoke", action="store_true", help="a tiny size for tests")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated row labels to time (e.g. trimmed_mean,krum,layered); default all")
     a = ap.parse_args(argv)
+    a.only = None if a.only is None else {x.strip() for x in a.only.split(",") if x.strip()}
     a.scaling_n, a.scaling_d = (10, 100, 1000), 100_000
     if a.smoke:
         a.n, a.d, a.repeats, a.threads = 12, 4096, 1, 1
@@ -473,7 +476,7 @@ def our_calls(U: torch.Tensor, f: int, server: torch.Tensor, names=None):
     """label -> (call, fresh): timed call on U, and a fresh instance's run on another matrix."""
     w = torch.ones(U.shape[0])
     out = {}
-    for name in names or DEFENSES.names():
+    for name in DEFENSES.names() if names is None else names:
         if name == "nnm+mean":
             name = "nnm"
         try:
@@ -533,7 +536,9 @@ def run(a: argparse.Namespace) -> None:
     infos: dict[str, dict] = {}
     cols = min(d, a.check_cols)
     Uc = U[:, :cols].contiguous()
-    calls = our_calls(U, f, server)
+    names = None if a.only is None else ["nnm" if x == "nnm+mean" else x for x in a.only
+                                         if x not in ("layered", "layered-14")]
+    calls = our_calls(U, f, server, names)
     byz = flw = None
     for label, (call, fresh) in calls.items():
         fl = floor()
@@ -565,6 +570,8 @@ def run(a: argparse.Namespace) -> None:
         checks[label] = chk
     for label, items, note in (("layered", layered_default(), "configs/layered.yaml"),
                                 ("layered-14", LAYERED_14, "+sign_filter+nnm (#14)")):
+        if a.only is not None and label not in a.only:
+            continue
         fl = floor()
         ms = best_ms(layered_call(U, f, items), a.repeats)
         results[label] = (ms, ms / fl, None)
@@ -573,7 +580,7 @@ def run(a: argparse.Namespace) -> None:
     print(f"results checked on {n} x {cols:,}: {sum(c['err'] is not None for c in checks.values())} rules "
           f"against a float64 reference (tolerance {REF_TOL_DEFAULT:g} of max |U|, geomed "
           f"{REF_TOL['geomed']:g}), " + (f"MISMATCH: {', '.join(bad)}" if bad else "all within tolerance"))
-    libs = [name for name, r in (("ByzFL", byz), ("Flower", flw)) if r is None]
+    libs = [name for name, r in (("ByzFL", byz), ("Flower", flw)) if r is None] if calls else []
     if libs:
         print(f"not installed: {', '.join(libs)} (see the module docstring)")
 
@@ -593,16 +600,17 @@ def scaling(a: argparse.Namespace) -> str:
     head = f"{'name':<20}" + "".join(f"{'n=' + str(n):>24}" for n in ns)
     print(head)
     print("-" * len(head))
-    table: dict[str, list[str]] = {k: [] for k in SCALING}
+    labels = [k for k in SCALING if a.only is None or k in a.only]
+    table: dict[str, list[str]] = {k: [] for k in labels}
     wins = total = 0
     for n in ns:
         f = default_f(n)
         U, server = attacked_matrix(n, d, f, seed=1)
-        calls = our_calls(U, f, server, SCALING)
+        calls = our_calls(U, f, server, labels)
         infos: dict[str, dict] = {}
         flw = flower_rules(U, f, a.budget)
         small = U.numel() * U.element_size() < (64 << 20)  # the floor is noisier on small U
-        for label in SCALING:
+        for label in labels:
             if label not in calls:
                 table[label].append(f"{'-':>24}")
                 continue
@@ -623,7 +631,7 @@ def scaling(a: argparse.Namespace) -> str:
                 wins += int(tb.ms is None and tb.note.startswith("oom") or (tb.ms is not None and ms < tb.ms))
             cell = f"{ms / fl:.1f} / {tb.text(fl)} / {tf.text(fl)}"
             table[label].append(f"{cell:>24}")
-    for label in SCALING:
+    for label in labels:
         print(f"{label:<20}" + "".join(table[label]))
     if total == 0:
         return "ByzFL not installed"

@@ -129,3 +129,26 @@ def test_new_matrix_is_a_plain_writable_tensor():
     assert M.shape == (100, 200_000) and M.dtype == torch.float32 and M.is_contiguous()
     M.fill_(2.0)
     assert float(M.sum()) == 2.0 * 100 * 200_000
+
+
+def test_row_dots_one_pass_matches_float64():
+    from phalanx.updates import row_dots, row_sq_norms
+
+    g = torch.Generator().manual_seed(3)
+    U = 2.0 + torch.randn(9, 50_003, generator=g)
+    v = torch.randn(50_003, generator=g)
+    A, v64 = U.double(), v.double()
+    sq, dots = row_dots(U, v)
+    assert torch.equal(sq, row_sq_norms(U))  # the same squares, bit for bit
+    scale = A.norm(dim=1) * v64.norm()
+    assert float(((dots - A @ v64).abs() / scale).max()) < 1e-6
+    rows = torch.tensor([7, 2, 4])
+    sq_r, dots_r = row_dots(U, v, rows)
+    assert torch.allclose(sq_r, sq[rows], rtol=1e-6) and torch.allclose(dots_r, dots[rows], rtol=1e-6)
+    assert row_dots(U)[1] is None
+    U[1, 5] = 1e30  # products overflow float32: redone in float64
+    U[4, 8] = float("nan")
+    sq, dots = row_dots(U, v)
+    A = U.double()
+    assert sq[1] == pytest.approx(float(A[1] @ A[1])) and dots[1] == pytest.approx(float(A[1] @ v64))
+    assert not bool(torch.isfinite(sq[4])) and not bool(torch.isfinite(dots[4]))

@@ -218,27 +218,58 @@ def row_sq_norms(U: torch.Tensor) -> torch.Tensor:
     """|U_i|^2 for each row, float64 [n] (float32 squares summed pairwise per block, blocks summed
     in float64: relative error about 1e-6); inf or NaN for a row with non-finite values. Rows
     whose squares overflow float32 are redone in float64."""
+    return row_dots(U)[0]
+
+
+def row_dots(U: torch.Tensor, v: torch.Tensor | None = None,
+             rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(|U_i|^2, U_i . v) for each row (of ``rows`` when given), float64 [n] each, in one pass
+    over U (dots None without ``v``). Squares as ``row_sq_norms``; dots from float32 products
+    over ``KBLOCK`` columns summed in float64 (error at most about KBLOCK u |U_i| |v|). A finite
+    row whose squares or products overflow float32 is redone in float64; non-finite rows give
+    inf or NaN."""
     A = readable(U)
-    n = A.shape[0]
+    r = None if rows is None else rows.cpu().numpy()
+    n = A.shape[0] if r is None else len(r)
+    vv = None if v is None else v.detach().to("cpu").numpy().astype(A.dtype, copy=False)
     tasks, bc = column_tasks(A.shape[1], n, A.itemsize)
+    K = KBLOCK
 
     def work(t):
-        acc = np.zeros(n)
+        acc, dots = np.zeros(n), np.zeros(n)
         buf = np.empty((n, bc), A.dtype)
+        rbuf = None if r is None else np.empty((n, bc), A.dtype)
         with np.errstate(all="ignore"):  # overflowing rows are redone below
             for j in range(t[0], t[1], bc):
                 e = min(j + bc, t[1])
+                Y = A[:, j:e] if r is None else _rows_block(A, r, j, e, rbuf[:, :e - j])
                 X = buf[:, :e - j]
-                np.square(A[:, j:e], out=X)
+                np.square(Y, out=X)
                 acc += X.sum(1)  # pairwise summation along the row
-        return acc
+                if vv is None:
+                    continue
+                full = (e - j) // K * K
+                if full:  # [blocks, n, K] @ [blocks, K, 1]: one float32 product per K columns
+                    Y3 = Y[:, :full].reshape(n, full // K, K).transpose(1, 0, 2)
+                    dots += np.matmul(Y3, vv[j:j + full].reshape(full // K, K, 1))[:, :, 0].sum(0, dtype=np.float64)
+                if e - j > full:
+                    dots += Y[:, full:] @ vv[j + full:e]
+        return acc, dots
 
-    out = np.sum(run_chunks(tasks, work), axis=0)
-    over = np.flatnonzero(np.isinf(out))
-    for i in over:  # overflow of float32 squares (|x| > 1.8e19) or a genuine inf
-        x = A[i].astype(np.float64)
-        out[i] = float(np.dot(x, x)) if np.isfinite(x).all() else math.inf
-    return torch.from_numpy(out)
+    parts = run_chunks(tasks, work)
+    sq = np.sum([p[0] for p in parts], axis=0) if parts else np.zeros(n)
+    dots = np.sum([p[1] for p in parts], axis=0) if parts else np.zeros(n)
+    redo = np.flatnonzero(np.isinf(sq) | (~np.isfinite(dots) if vv is not None else False))
+    for i in redo:  # overflow in float32 (|x| > 1.8e19) or a genuine inf/NaN
+        x = A[i if r is None else r[i]].astype(np.float64)
+        if not np.isfinite(x).all():
+            sq[i] = math.inf if not np.isnan(x).any() else math.nan
+            dots[i] = math.nan
+            continue
+        sq[i] = float(np.dot(x, x))
+        if vv is not None:
+            dots[i] = float(np.dot(x, vv.astype(np.float64)))
+    return torch.from_numpy(sq), (None if vv is None else torch.from_numpy(dots))
 
 
 def combine(coef: torch.Tensor, U: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -247,3 +247,57 @@ def test_state_evidence_is_checked_and_older_checkpoints_without_it_load():
             Reputation().load_state_dict({**old, "evidence": bad})
     with pytest.raises(PhalanxError, match="reputation: prior_weight must be"):
         Reputation(prior_weight=0)
+
+
+def float64_contributions(rep, U, g, judged):
+    """The rule as first written: a float64 copy of the judged rows, torch's (lower) median."""
+    from phalanx.defenses.reputation import one_sided_z
+
+    A, g64 = U[judged].double(), g.double()
+    norms = A.norm(dim=1)
+
+    def cosines(ref_dir):
+        cos = (A @ ref_dir) / (norms * ref_dir.norm()).clamp_min(1e-12)
+        return cos, float(cos.median())
+
+    cos, ref = cosines(g64)
+    if not ref > 1e-6:
+        cos, ref = cosines(A.median(dim=0).values)
+    if not ref > 1e-6:
+        return None
+    a = rep.agreement
+    term = ((cos / ref + a) / (2 * a)).clamp(0, 1) * torch.exp(-(one_sided_z(norms) - rep.z_tolerance).clamp_min(0))
+    c = torch.full((U.shape[0],), float("nan"), dtype=torch.float64)
+    c[judged] = term
+    return c
+
+
+@pytest.mark.parametrize("pulled_over", [False, True])
+def test_contributions_from_one_float32_pass_match_a_float64_copy(pulled_over):
+    g = torch.Generator().manual_seed(7)
+    d = 70_001  # not a multiple of the column blocks
+    U = 3.0 + torch.randn(30, d, generator=g)
+    U[:6] = -4.0 * U[:6]  # sign flippers with large norms
+    U[6] *= 40.0  # a norm outlier
+    judged = torch.ones(30, dtype=torch.bool)
+    judged[[3, 11]] = False
+    agg = -U[judged].mean(0) if pulled_over else U[judged].mean(0)  # pulled over: the median fallback
+    rep = Reputation(use_validation=False, f=5)
+    got = rep.contributions(U, agg, simple_round_context(U), judged)
+    want = float64_contributions(rep, U, agg, judged)
+    assert torch.isnan(got[~judged]).all()
+    assert torch.allclose(got[judged], want[judged], rtol=0, atol=1e-6)
+    assert float(got[0]) < 0.01 and float(got[20]) > 0.99
+
+
+def test_reputation_scores_and_quarantine_match_the_float64_rule_over_rounds():
+    class Reference(Reputation):
+        def contributions(self, U, g, ctx, judged, stats=None):
+            return float64_contributions(self, U, g, judged)
+
+    fast, slow = Reputation(use_validation=False, f=3), Reference(use_validation=False, f=3)
+    status_fast, status_slow = run(fast, 8), run(slow, 8)
+    assert status_fast == status_slow and "c0" in status_fast[-1]
+    assert fast.scores.keys() == slow.scores.keys()
+    for cid in fast.scores:
+        assert fast.history[cid] == pytest.approx(slow.history[cid], abs=1e-6)

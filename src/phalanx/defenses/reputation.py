@@ -60,20 +60,32 @@ aggregator.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..context import RoundContext
 from ..errors import PhalanxError
 from ..registry import DEFENSES
+from ..updates import row_dots, row_sq_norms
 from .base import Layer, Report
 from .validate import INGEST_KEY
+from .robust import sorted_column_map
 
 #: rejection reasons that mark the row itself as malformed or unauthenticated: contribution 0.
 MALFORMED = frozenset({"nonfinite", "bad_dtype", "not_a_tensor", "wrong_size", "missing_signature",
                        "malformed_envelope", "bad_signature", "digest_mismatch", "replayed_nonce",
                        "wrong_run", "stale_round", "unknown_client", "revoked_client"})
+
+
+def vector_norm(v: torch.Tensor) -> float:
+    """|v| in float64 (inf or NaN when v has non-finite values), in numpy: a torch call on a
+    vector right after the worker threads' pass pays tens of ms of OpenMP wake-ups."""
+    x = v.detach().cpu()
+    x = (x.numpy() if x.dtype in (torch.float32, torch.float64) else x.double().numpy()).astype(np.float64)
+    return math.sqrt(float(np.einsum("i,i->", x, x)))  # einsum: no BLAS threads to wake
 
 
 def one_sided_z(values: torch.Tensor, floor: float = 0.1) -> torch.Tensor:
@@ -150,10 +162,14 @@ class Reputation(Layer):
         return U, w, report
 
     def malformed(self, U: torch.Tensor, ctx: RoundContext, rejected: torch.Tensor | None,
-                  reasons: dict[int, Any] | None) -> torch.Tensor:
-        """Bool [n]: rows that are malformed or unauthenticated (contribution 0)."""
+                  reasons: dict[int, Any] | None, sq: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool [n]: rows that are malformed or unauthenticated (contribution 0). ``sq``: the rows'
+        squared norms when already known (finite exactly when the row is)."""
         n = U.shape[0]
-        bad = ~torch.isfinite(U).all(1) if U.dtype.is_floating_point else torch.ones(n, dtype=torch.bool)
+        if not U.dtype.is_floating_point:
+            bad = torch.ones(n, dtype=torch.bool)
+        else:
+            bad = ~torch.isfinite(row_sq_norms(U) if sq is None else sq)
         for row in ctx.extras.get(INGEST_KEY, {}):
             if 0 <= int(row) < n:
                 bad[int(row)] = True
@@ -163,27 +179,34 @@ class Reputation(Layer):
                 if 0 <= int(row) < n and any(str(x).rsplit(":", 1)[-1] in MALFORMED for x in whys):
                     bad[int(row)] = True
         elif rejected is not None and U.dtype.is_floating_point:
-            bad |= rejected.bool() & (U == 0).all(1)  # validate zeroes the non-finite rows it rejects
+            for i in torch.nonzero(rejected.bool() & ~bad).flatten().tolist():
+                bad[i] = not bool(U[i].any())  # validate zeroes the non-finite rows it rejects
         return bad
 
     @staticmethod
-    def cosines(A: torch.Tensor, norms: torch.Tensor, ref_dir: torch.Tensor) -> tuple[torch.Tensor, float]:
-        cos = (A @ ref_dir) / (norms * ref_dir.norm()).clamp_min(1e-12)
+    def cosines(dots: torch.Tensor, norms: torch.Tensor, ref_norm: float) -> tuple[torch.Tensor, float]:
+        cos = dots / (norms * ref_norm).clamp_min(1e-12)
         return cos, float(cos.median())
 
-    def contributions(self, U: torch.Tensor, g: torch.Tensor, ctx: RoundContext,
-                      judged: torch.Tensor) -> torch.Tensor | None:
+    def contributions(self, U: torch.Tensor, g: torch.Tensor, ctx: RoundContext, judged: torch.Tensor,
+                      stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
         """c in [0, 1] for the ``judged`` rows (float64 [n], NaN elsewhere), or None when this round's
-        statistics cannot be trusted (see the module docstring)."""
+        statistics cannot be trusted (see the module docstring). U is read in place: squared norms
+        and dot products with g in one pass (``row_dots``; ``stats``: those of every row, when
+        already known), never a float64 copy."""
         k = int(judged.sum())
-        g64 = g.double()
-        if k < 3 or (self.f and k <= 2 * self.f) or not bool(torch.isfinite(g64).all()) or float(g64.norm()) == 0:
+        g_norm = vector_norm(g)
+        if k < 3 or (self.f and k <= 2 * self.f) or not math.isfinite(g_norm) or g_norm == 0:
             return None
-        A = U[judged].double()
-        norms = A.norm(dim=1)
-        cos, ref = self.cosines(A, norms, g64)
+        idx = torch.nonzero(judged).flatten().cpu()
+        rows = None if k == U.shape[0] else idx
+        sq, dots = row_dots(U, g, rows) if stats is None else (stats[0][idx], stats[1][idx])
+        norms = sq.sqrt()
+        cos, ref = self.cosines(dots, norms, g_norm)
         if not ref > 1e-6:  # a plain mean pulled over by attackers: the rows' coordinate-wise median
-            cos, ref = self.cosines(A, norms, A.median(dim=0).values)
+            k_ = len(idx)
+            med = sorted_column_map(U, lambda S: S[:, (k_ - 1) // 2], rows)  # the lower one, as torch's
+            cos, ref = self.cosines(row_dots(U, med, rows)[1], norms, vector_norm(med))
         if not ref > 1e-6:  # still no direction the typical row agrees with
             return None
         a = self.agreement
@@ -191,12 +214,12 @@ class Reputation(Layer):
         if k >= 4:
             term = term * torch.exp(-(one_sided_z(norms) - self.z_tolerance).clamp_min(0))
         if self.use_validation and ctx.val_loss is not None and k >= 4:
-            own = torch.tensor([float(ctx.val_loss(ctx.global_params + u.to(ctx.global_params.dtype)))
-                                for u in U[judged]], dtype=torch.float64)
+            own = torch.tensor([float(ctx.val_loss(ctx.global_params + U[i].to(ctx.global_params.dtype)))
+                                for i in idx.tolist()], dtype=torch.float64)
             if bool(torch.isfinite(own).all()):
                 term = term * torch.exp(-(one_sided_z(own) - self.z_tolerance).clamp_min(0))
         c = torch.full((U.shape[0],), float("nan"), dtype=torch.float64)
-        c[judged] = term
+        c[idx] = term
         return c
 
     def observe(self, U: torch.Tensor, w: torch.Tensor, g: torch.Tensor, ctx: RoundContext,
@@ -207,8 +230,11 @@ class Reputation(Layer):
         first: dict[str, int] = {}
         for i, cid in enumerate(ids):
             first.setdefault(cid, i)
-        bad = self.malformed(U, ctx, rejected, reasons)
-        c = self.contributions(U, g, ctx, ~bad)
+        stats = None
+        if U.dtype.is_floating_point and math.isfinite(vector_norm(g)):  # one pass over U for both
+            stats = row_dots(U, g)
+        bad = self.malformed(U, ctx, rejected, reasons, None if stats is None else stats[0])
+        c = self.contributions(U, g, ctx, ~bad, stats)
         for cid, i in first.items():
             if bool(bad[i]):
                 ci = 0.0
