@@ -91,6 +91,12 @@ def prune(v: torch.Tensor, ratio: float) -> torch.Tensor:
     return out.scatter(-1, idx, v.gather(-1, idx))
 
 
+def model_loss(model: nn.Module):
+    """The model's own training loss (``model.loss``: class-weighted, focal), else cross-entropy;
+    called as ``loss(logits, y, reduction='none')`` for per-sample values."""
+    return getattr(model, "loss", F.cross_entropy)
+
+
 def dp_sgd_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise_multiplier: float,
                     max_grad_norm: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """One DP-SGD gradient (Abadi et al. 2016), flat [d]: each per-sample gradient clipped to
@@ -101,10 +107,11 @@ def dp_sgd_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise_mu
         raise PhalanxError(f"dp_sgd_gradient: noise_multiplier must be >= 0, got {noise_multiplier!r}")
     names = [n for n, _ in model.named_parameters()]
     params = {n: p.detach() for n, p in model.named_parameters()}
+    criterion = model_loss(model)
 
     def loss(p, xi, yi):
         out = torch.func.functional_call(model, p, (xi[None],))
-        return F.cross_entropy(out, yi[None])
+        return criterion(out, yi[None], reduction="none").sum()
 
     per = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
     G = torch.cat([per[n].reshape(len(x), -1) for n in names], 1)
@@ -409,8 +416,12 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
 def dp_sgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 1, batch_size: int = 32,
                  lr: float = 0.1, noise_multiplier: float = 1.0, max_grad_norm: float = 1.0,
                  delta: float = 1e-5, seed: int = 0) -> float:
-    """Train ``model`` in place with DP-SGD (Opacus, Poisson sampling at rate batch_size / N);
-    returns the epsilon spent (RDP accountant) at ``delta``."""
+    """Train ``model`` in place with DP-SGD (Opacus, Poisson sampling at rate batch_size / N) on its
+    own loss (``model_loss``); returns the epsilon spent (RDP accountant) at ``delta``.
+
+    The loss is the plain mean of the per-sample losses over the batch's rows: Opacus (loss_reduction
+    'mean') rebuilds each row's gradient by multiplying by the batch's length, so a mean divided by
+    anything else (the summed class weights of ``F.cross_entropy(weight=...)``) would be mis-scaled."""
     from torch.utils.data import DataLoader, TensorDataset
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -424,6 +435,7 @@ def dp_sgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size,
                         generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.SGD(model.parameters(), lr=lr)
+    criterion = model_loss(model)
     priv = make_private(model, opt, loader, noise_multiplier, max_grad_norm, seed=seed + 1)
     try:
         with warnings.catch_warnings():
@@ -432,7 +444,7 @@ def dp_sgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int
                 for xb, yb in priv.data_loader:
                     priv.optimizer.zero_grad()
                     # an empty Poisson batch gives empty per-sample gradients: a pure-noise step
-                    F.cross_entropy(priv.model(xb), yb).backward()
+                    criterion(priv.model(xb), yb, reduction="none").mean().backward()
                     priv.optimizer.step()
         return _epsilon(priv.engine.accountant, delta)
     finally:
