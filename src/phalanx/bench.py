@@ -7,6 +7,8 @@ resolved config (fields at their defaults and the name left out), so a cell alre
 status 'done' is skipped and an interrupted grid resumes where it stopped. A clean entry
 (``family: none``) is added when the grid has none: it is the reference for the report's ticks.
 
+The spec itself is read and validated by :mod:`phalanx.bench_spec`.
+
 Workers are 'spawn' processes with one torch thread each; every worker writes its runs to the
 same SQLite store (WAL mode, busy timeout). The grid's layout is kept in the ``bench_grids`` and
 ``bench_cells`` tables, and the optional leakage audit (``privacy``) in ``bench_privacy`` and
@@ -25,14 +27,15 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, Union
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any, Callable, Sequence
 
 from .bench_privacy import plan_privacy, run_probe, store_probe
-from .config import DefenseItem, apply_overrides, parse_config, read_yaml
+from .bench_spec import GridSpec, PartitionSpec, load_grid, parse_grid
+from .config import parse_config
 from .errors import ConfigError, PhalanxError
 from .store import Store
+
+__all__ = ["Cell", "GridOutcome", "cell_key", "expand", "load_grid", "parse_grid", "run_cell", "run_grid"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bench_grids (grid TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL);
@@ -49,150 +52,6 @@ CREATE TABLE IF NOT EXISTS bench_privacy_map (
     grid TEXT NOT NULL, defense TEXT NOT NULL, seed INTEGER NOT NULL, probe TEXT NOT NULL,
     PRIMARY KEY (grid, defense, seed));
 """
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PartitionSpec(_Strict):
-    partition: Literal["iid", "dirichlet", "shards", "silo"] = "iid"
-    alpha: float | None = Field(None, gt=0)
-    shards_per_client: int | None = Field(None, ge=1)
-
-    def label(self) -> str:
-        arg = {"dirichlet": self.alpha, "shards": self.shards_per_client}.get(self.partition)
-        return f"{self.partition}({arg:g})" if arg is not None else self.partition
-
-
-class AttackSpec(_Strict):
-    family: Literal["random", "adaptive", "backdoor", "malformed", "none"]
-    name: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    poison: str | None = None
-    poison_params: dict[str, Any] = Field(default_factory=dict)
-    rounds: Union[list[int], str, None] = None
-    federation: dict[str, Any] = Field(default_factory=dict, description="federation overrides")
-
-
-class DefenseSpec(_Strict):
-    stages: list[DefenseItem] = Field(min_length=1)
-    federation: dict[str, Any] = Field(default_factory=dict, description="e.g. signing, server_data")
-
-
-class PrivacySpec(_Strict):
-    seeds: int = Field(3, ge=1)
-    steps: int = Field(200, ge=1)
-    attack: Literal["idlg", "dlg", "ig"] = "idlg"
-    dataset: str = "fashion-mnist"
-
-
-class GridSpec(_Strict):
-    name: str = "grid"
-    base: dict[str, Any] = Field(default_factory=dict)
-    datasets: list[str] | None = Field(None, min_length=1)
-    partitions: list[PartitionSpec] | None = Field(None, min_length=1)
-    byzantine: list[float] | None = Field(None, min_length=1)
-    attacks: dict[str, AttackSpec] = Field(min_length=1)
-    defenses: dict[str, DefenseSpec] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    defense_f: list[Union[int, float, Literal["auto"]]] | None = Field(
-        None, min_length=1, description="the server's guesses of f; with several, each defense that uses f "
-        "gets one row per guess, labelled 'DEFENSE f=GUESS'")
-    workers: int = Field(1, ge=1)
-    baseline: str | None = Field(None, description="defense label of the reference (default: [mean])")
-    privacy: PrivacySpec | None = None
-    plugins: list[str] = Field(default_factory=list, description="your own modules (.py files relative to the grid "
-                               "file, or dotted names), imported before names resolve, in every worker too")
-
-    @field_validator("defenses", mode="before")
-    @classmethod
-    def _lists(cls, v):
-        if isinstance(v, dict):
-            return {k: {"stages": d} if isinstance(d, list) else d for k, d in v.items()}
-        return v
-
-    @field_validator("byzantine")
-    @classmethod
-    def _fractions(cls, v):
-        if v is not None and any(b < 0 for b in v):
-            raise ValueError(f"every fraction (or count) must be >= 0, got {v}")
-        return v
-
-    def baseline_label(self) -> str | None:
-        if self.baseline is not None:
-            return self.baseline
-        return next((k for k in self.defenses if self.defenses[k].stages == ["mean"]), None)
-
-
-_MODELS = {"attacks": AttackSpec, "defenses": DefenseSpec, "privacy": PrivacySpec, "partitions": PartitionSpec}
-
-
-def _format(e: ValidationError) -> str:
-    out = []
-    for err in e.errors():
-        loc = [str(p) for p in err["loc"]]
-        path = ".".join(loc) or "grid"
-        if err["type"] == "extra_forbidden":
-            model = GridSpec if len(loc) == 1 else _MODELS.get(loc[0], GridSpec)
-            out.append(f"{path}: unknown key; allowed: {', '.join(model.model_fields)}")
-        elif err["type"] == "missing":
-            out.append(f"{path}: required")
-        else:
-            given = err.get("input")
-            out.append(f"{path}: {err['msg'].removeprefix('Value error, ')}"
-                       + ("" if isinstance(given, dict) else f" (got {given!r})"))
-    return "invalid grid: " + "; ".join(dict.fromkeys(out))
-
-
-def parse_grid(data: Any, name: str | None = None, base: str | Path | None = None,
-               plugins: list[str] | None = None) -> GridSpec:
-    """A validated GridSpec from a mapping; unknown keys, bad labels and bad cells raise ConfigError.
-
-    The grid's ``plugins`` (relative to ``base``), its base config's and ``plugins`` (from
-    ``--plugin``, relative to the current folder) are imported first and written, resolved, into
-    the base config, so that every cell's config (and every worker process) imports them too."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid grid: expected a mapping at the top level, got {type(data).__name__}")
-    data = _with_plugins(dict(data), base, plugins)
-    if name and "name" not in data:
-        data["name"] = name
-    try:
-        spec = GridSpec.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format(e)) from None
-    for label, a in spec.attacks.items():
-        if a.family == "none" and (a.name or a.poison):
-            raise ConfigError(f"attacks.{label}: family 'none' takes no name or poison, got "
-                              f"name={a.name!r}, poison={a.poison!r}")
-        if a.family != "none" and not (a.name or a.poison):
-            raise ConfigError(f"attacks.{label}: family {a.family!r} needs a name or a poison, got neither")
-    if not any(a.family == "none" for a in spec.attacks.values()):
-        spec.attacks = {"none": AttackSpec(family="none"), **spec.attacks}
-    base = spec.baseline_label()
-    if spec.baseline is not None and base not in spec.defenses:
-        raise ConfigError(f"baseline: must be a defense label ({', '.join(spec.defenses)}), got {base!r}")
-    return spec
-
-
-def load_grid(path: str | Path, overrides: list[str] | None = None, plugins: list[str] | None = None) -> GridSpec:
-    """Read a grid YAML file and apply ``--set key.sub=value`` overrides; ``plugins`` join the grid's own."""
-    return parse_grid(apply_overrides(read_yaml(path, "grid"), overrides or []), name=Path(path).stem,
-                      base=Path(path).parent, plugins=plugins)
-
-
-def _with_plugins(data: dict, base: str | Path | None, extra: list[str] | None) -> dict:
-    from .config import with_plugins
-
-    cfg, own = data.get("base"), data.get("plugins", [])
-    inner = cfg.get("plugins", []) if isinstance(cfg, dict) else []
-    if not isinstance(own, list) or not isinstance(inner, list) or not (cfg is None or isinstance(cfg, dict)):
-        return data  # validation names the bad field
-    resolved = with_plugins({"plugins": [*own, *inner]}, base, extra)["plugins"]
-    if resolved:
-        data["plugins"] = resolved
-        data["base"] = {**(cfg or {}), "plugins": resolved}
-    return data
 
 
 # ---------------------------------------------------------------- expansion
@@ -469,7 +328,7 @@ def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: 
     if progress:
         progress.start([c for c, _ in todo], len(probes))
     pdict = spec.privacy.model_dump() if spec.privacy else {}
-    restore = _sigterm_interrupts()
+    restore = sigterm_interrupts()
     held: list[str] = []  # the cells this process has claimed and not finished
     try:
         if workers <= 1:
@@ -482,7 +341,7 @@ def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: 
                 _collect(out, store, c, run_cell(c.key, c.config, str(db), _advancer(progress)), progress)
                 claims.release([held.pop()])
             for key, rule, seed in probes:
-                store_probe(store, out, rule, seed, run_probe(key, rule, seed, pdict), progress)
+                _probe_done(out, store, rule, seed, run_probe(key, rule, seed, pdict), progress)
         else:
             _run_parallel(out, store, todo, probes, pdict, str(db), workers, progress, claims, held)
     except KeyboardInterrupt:
@@ -497,7 +356,7 @@ def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: 
     return out
 
 
-def _sigterm_interrupts() -> Callable[[], None]:
+def sigterm_interrupts() -> Callable[[], None]:
     """Treat SIGTERM like Ctrl-C while a grid runs, so ``kill`` stops the workers too instead of
     leaving them orphaned. Returns the function that puts the previous handler back."""
     import signal
@@ -524,6 +383,16 @@ def _collect(out: GridOutcome, store: Store, cell: Cell, res: dict, progress) ->
         out.failed.append((cell.label, res.get("error", "")))
     if progress:
         progress.cell_done(cell, res)
+
+
+def _probe_done(out: GridOutcome, store: Store, rule: list, seed: int, res: dict, progress) -> None:
+    error = store_probe(store, rule, seed, res)
+    if error is None:
+        out.probes += 1
+    else:
+        out.failed.append((f"privacy probe {json.dumps(rule)} seed {seed}", error))
+    if progress:
+        progress.probe_done()
 
 
 def _elsewhere(out: GridOutcome, cell: Cell, progress) -> None:
@@ -569,7 +438,7 @@ def _run_parallel(out, store, todo, probes, pdict, db, workers, progress, claims
                     held.remove(item.key)
                     claims.release([item.key])
                 else:
-                    store_probe(store, out, *item, res, progress)
+                    _probe_done(out, store, *item, res, progress)
             feed()
         _drain(queue, progress)
     finally:

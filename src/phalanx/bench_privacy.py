@@ -19,13 +19,11 @@ import inspect
 import json
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .bench_spec import GridSpec, PrivacySpec
 from .config import defense_item, parse_config
 from .store import Store
-
-if TYPE_CHECKING:
-    from .bench import GridOutcome, GridSpec, PrivacySpec
 
 
 def audit_rule(stages: list, clients_per_round: int, dp_sgd: tuple[float, float] | None = None) -> list[list]:
@@ -142,13 +140,11 @@ def run_probe(probe: str, rule: list, seed: int, p: dict) -> dict[str, Any]:
         return {"probe": probe, "status": "failed", "error": f"{type(e).__name__}: {e}"}
 
 
-def store_probe(store: Store, out: GridOutcome, rule: list, seed: int, res: dict, progress) -> None:
-    if res["status"] == "done":
-        store.db.execute("INSERT OR REPLACE INTO bench_privacy VALUES (?,?,?,?,?,?,?,?)",
-                         (res["probe"], json.dumps(rule), seed, res["psnr"], res["ssim"],
-                          None if math.isnan(res["label_acc"]) else res["label_acc"], res["seconds"], time.time()))
-        out.probes += 1
-    else:
-        out.failed.append((f"privacy probe {json.dumps(rule)} seed {seed}", res["error"]))
-    if progress:
-        progress.probe_done()
+def store_probe(store: Store, rule: list, seed: int, res: dict) -> str | None:
+    """Store a probe's result (from :func:`run_probe`); return its error when it failed, else None."""
+    if res["status"] != "done":
+        return res["error"]
+    store.db.execute("INSERT OR REPLACE INTO bench_privacy VALUES (?,?,?,?,?,?,?,?)",
+                     (res["probe"], json.dumps(rule), seed, res["psnr"], res["ssim"],
+                      None if math.isnan(res["label_acc"]) else res["label_acc"], res["seconds"], time.time()))
+    return None

@@ -79,9 +79,9 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
                                           f"({m['seconds']:.1f}s)", highlight=False)
                 bar.advance(task)
 
-            from ..bench import _sigterm_interrupts
+            from ..bench import sigterm_interrupts
 
-            restore = _sigterm_interrupts()  # `kill` marks the run interrupted, like Ctrl-C
+            restore = sigterm_interrupts()  # `kill` marks the run interrupted, like Ctrl-C
             try:
                 final = fedn.run(store, run_id=run_id, on_round=on_round, checkpoint=checkpoint)
             except KeyboardInterrupt:
