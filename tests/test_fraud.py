@@ -1,5 +1,8 @@
 """Fraud detection across banks: the built-in datasets, the silo partition, tabular models and losses."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -161,6 +164,126 @@ def test_creditcard_rejects_an_incomplete_download(tmp_path, monkeypatch, fake_o
     with pytest.raises(DataError, match=r"could not fetch OpenML dataset 1597 \(OSError: network unreachable\)"):
         fraud.creditcard()
     assert not (tmp_path / "creditcard" / "creditcard.parquet").exists()
+
+
+class FakeOpenML:
+    """Stands in for ``sklearn.datasets.fetch_openml``: records each call, returns ``table()`` or raises ``error``."""
+
+    def __init__(self):
+        self.calls, self.error, self.table = [], None, tiny_creditcard
+
+    def __call__(self, **kw):
+        from sklearn.utils import Bunch
+
+        self.calls.append(kw)
+        if self.error is not None:
+            raise self.error
+        return Bunch(frame=self.table())
+
+
+@pytest.fixture
+def openml(tmp_path, monkeypatch):
+    import sklearn.datasets
+
+    monkeypatch.setattr(dsmod, "CACHE", tmp_path)
+    monkeypatch.setattr(fraud, "EXPECTED", {"rows": 400, "frauds": 6})
+    fake = FakeOpenML()
+    monkeypatch.setattr(sklearn.datasets, "fetch_openml", fake)
+    return fake
+
+
+def cache_files(tmp_path):
+    folder = tmp_path / "creditcard"
+    return folder / "creditcard.parquet", folder / "creditcard.parquet.sha256"
+
+
+def test_creditcard_first_use_writes_the_cache_with_its_checksum(tmp_path, openml):
+    import hashlib
+
+    ds = fraud.creditcard()
+    (call,) = openml.calls
+    assert call["data_id"] == 1597 and call["as_frame"] is True
+    assert Path(call["data_home"]).parent == tmp_path / "creditcard"  # sklearn's own copy inside the cache
+    path, digest = cache_files(tmp_path)
+    assert digest.read_text().split() == [hashlib.sha256(path.read_bytes()).hexdigest(), "creditcard.parquet"]
+    assert sorted(p.name for p in path.parent.iterdir() if p.is_file()) == [path.name, digest.name]  # no .part
+    table = pd.read_parquet(path)
+    assert table["Class"].tolist() == [1] * 6 + [0] * 394 and len(ds.y_train) + len(ds.y_test) == 400
+
+
+def test_creditcard_later_use_reads_the_cache_without_fetching(tmp_path, openml):
+    first = fraud.creditcard()
+    openml.error = AssertionError("fetched again")
+    again = fraud.creditcard()
+    assert len(openml.calls) == 1
+    assert torch.equal(first.x_train, again.x_train) and torch.equal(first.y_test, again.y_test)
+
+
+def _flip_a_byte(path, digest):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same length, one byte changed
+    path.write_bytes(bytes(data))
+
+
+TAMPER = {"truncated": lambda p, d: p.write_bytes(p.read_bytes()[:-10]), "byte flipped": _flip_a_byte,
+          "checksum edited": lambda p, d: d.write_text("0" * 64 + "  creditcard.parquet\n"),
+          "checksum empty": lambda p, d: d.write_text(""), "checksum deleted": lambda p, d: d.unlink()}
+
+
+@pytest.mark.parametrize("how", list(TAMPER))
+def test_creditcard_tampered_cache_is_an_error_naming_the_file_not_a_refetch(tmp_path, openml, how):
+    fraud.creditcard()
+    path, digest = cache_files(tmp_path)
+    TAMPER[how](path, digest)
+    kept = path.read_bytes()
+    with pytest.raises(DataError, match=re.escape(str(path)) + r": (checksum mismatch|its recorded checksum).*"
+                       r"delete (it|the file) to fetch it again"):
+        fraud.creditcard()
+    assert len(openml.calls) == 1 and path.read_bytes() == kept  # neither fetched nor overwritten
+    path.unlink()  # what the message says to do
+    fraud.creditcard()
+    assert len(openml.calls) == 2 and digest.is_file()
+
+
+def test_creditcard_cache_replaced_with_its_checksum_is_still_checked(tmp_path, openml):
+    import hashlib
+
+    fraud.creditcard()
+    path, digest = cache_files(tmp_path)
+    tiny_creditcard(n=300).assign(Class=lambda f: (f["Class"] == "1").astype("int64")).to_parquet(path)
+    digest.write_text(hashlib.sha256(path.read_bytes()).hexdigest())
+    with pytest.raises(DataError, match=re.escape(str(path)) + r": expected 400 rows with 6 frauds, got 300 rows"):
+        fraud.creditcard()
+
+
+def test_creditcard_failed_download_is_a_clear_error_and_leaves_no_cache(tmp_path, openml):
+    from urllib.error import URLError
+
+    openml.error = URLError("[Errno -3] Temporary failure in name resolution")
+    with pytest.raises(DataError, match=r"creditcard: could not fetch OpenML dataset 1597 \(URLError: .*name "
+                       r"resolution.*\); check the network"):
+        fraud.creditcard()
+    openml.error, openml.table = None, lambda: tiny_creditcard(n=399)  # a short download
+    with pytest.raises(DataError, match=r"OpenML dataset 1597: expected 400 rows"):
+        fraud.creditcard()
+    path, digest = cache_files(tmp_path)
+    assert not path.exists() and not digest.exists() and not path.with_suffix(".parquet.part").exists()
+
+
+def test_creditcard_interrupted_first_use_fetches_again(tmp_path, openml, monkeypatch):
+    real = fraud._sha256
+
+    def crash(p):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fraud, "_sha256", crash)  # stopped while the cache was being written
+    with pytest.raises(KeyboardInterrupt):
+        fraud.creditcard()
+    path, _ = cache_files(tmp_path)
+    assert not path.exists() and not path.with_suffix(".parquet.part").exists()
+    monkeypatch.setattr(fraud, "_sha256", real)
+    fraud.creditcard()  # no Parquet without its checksum: fetched again, not an error
+    assert len(openml.calls) == 2
 
 
 # ---------------------------------------------------------------- tabular models and losses

@@ -2,12 +2,20 @@
 
 ``creditcard``: 284,807 card transactions by European cardholders over two days of September 2013,
 492 of them fraudulent (0.17%): 28 PCA components V1..V28, Amount and (in some mirrors) Time;
-Class 1 = fraud (Dal Pozzolo et al., CIDM 2015). It is fetched on first use from OpenML (data id
-1597) with scikit-learn's client and kept in the phalanx cache as Parquet. The file's SHA-256 is
-recorded beside it at that first fetch and checked at every later load, and the fetched table is
-checked against the published counts (rows, frauds, columns): a truncated or corrupt cache is a
-``DataError``, never a silently different dataset. It has no bank column, so it partitions iid or
+Class 1 = fraud (Dal Pozzolo et al., CIDM 2015). It has no bank column, so it partitions iid or
 dirichlet, not by silo.
+
+The cache, ``<cache>/creditcard/`` (``phalanx.data.datasets.CACHE``):
+
+* first use: fetched from OpenML (data id 1597) with scikit-learn's client, checked against the
+  published counts (rows, frauds, columns), written as ``creditcard.parquet`` with its SHA-256 in
+  ``creditcard.parquet.sha256``. The checksum is written before the Parquet file is moved into
+  place, so an interrupted first use leaves no Parquet file and the next use fetches again.
+* later uses: read from the cache, never fetched. A Parquet file whose checksum is missing or
+  differs (truncated, corrupt, edited) is a ``DataError`` naming the file: it is not re-fetched
+  behind the user's back; delete the file to fetch it again.
+* a failed download (network, HTTP, parsing) or a table with the wrong counts is a ``DataError``
+  naming OpenML dataset 1597, and leaves nothing in the cache.
 
 ``fraud-synth``: see :func:`synth_frame`.
 """
@@ -69,10 +77,10 @@ def creditcard_file() -> Path:
         if not digest.is_file():
             raise DataError(f"{path}: its recorded checksum {digest.name} is missing; delete the file to fetch "
                             f"it again")
-        want = digest.read_text().split()[0] if digest.read_text().split() else ""
+        want = (digest.read_text().split() or [""])[0]
         if _sha256(path) != want:
-            raise DataError(f"{path}: checksum mismatch (the cached file is corrupt or was changed); delete it "
-                            f"to fetch it again")
+            raise DataError(f"{path}: checksum mismatch with {digest.name} (the cached file is corrupt or was "
+                            f"changed); delete it to fetch it again")
         return path
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -87,9 +95,12 @@ def creditcard_file() -> Path:
     frame = frame.copy()
     frame["Class"] = frame["Class"].astype(str).str.strip().isin(["1", "1.0", "True"]).astype("int64")
     tmp = path.with_suffix(".parquet.part")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    digest.write_text(f"{_sha256(path)}  {path.name}\n")
+    try:
+        frame.to_parquet(tmp, index=False)
+        digest.write_text(f"{_sha256(tmp)}  {path.name}\n")  # before the move: no Parquet without its checksum
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
