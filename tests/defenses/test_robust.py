@@ -8,7 +8,7 @@ import torch
 
 import phalanx.defenses  # noqa: F401  (registers the defenses)
 from phalanx.context import simple_round_context
-from phalanx.defenses import robust
+from phalanx.defenses import coordinate, iterative, robust
 from phalanx.errors import BoundError, PhalanxError
 from phalanx.registry import DEFENSES
 
@@ -130,7 +130,7 @@ def test_column_blocks_and_threads_match_reference(monkeypatch):
     """Force many tiny column blocks (and the thread pool) and compare with numpy."""
     n, d = 9, 1000
     U = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(robust, "_BLOCK_BYTES", 4 * n * 64)
+    monkeypatch.setattr(coordinate, "_BLOCK_BYTES", 4 * n * 64)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -537,7 +537,7 @@ def test_gram_iterations_agree_with_passes_over_u(monkeypatch, name, params):
     w[5] = 0
     outs = []
     for gram in (True, False):
-        monkeypatch.setattr(robust, "use_gram", lambda n, passes, gram=gram: gram)
+        monkeypatch.setattr(iterative, "use_gram", lambda n, passes, gram=gram: gram)
         agg = DEFENSES.build(name, f=2, **params)
         ctx = simple_round_context(U)
         g1, rep = agg(U, w, ctx)

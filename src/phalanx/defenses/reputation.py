@@ -71,8 +71,8 @@ from ..errors import PhalanxError
 from ..registry import DEFENSES
 from ..updates import row_dots, row_sq_norms
 from .base import Layer, Report
+from .coordinate import sorted_column_map
 from .validate import INGEST_KEY
-from .robust import sorted_column_map
 
 #: rejection reasons that mark the row itself as malformed or unauthenticated: contribution 0.
 MALFORMED = frozenset({"nonfinite", "bad_dtype", "not_a_tensor", "wrong_size", "missing_signature",
