@@ -138,26 +138,9 @@ def test_screenshot_in_headless_chromium(written, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def drawn(db):
-    """Every figure of the report as a live matplotlib figure (title -> figure), before it is closed."""
-    from phalanx.report import plots
-    from phalanx.store import Store
-
-    figs, real = {}, plots._png
-
-    def keep(fig):
-        fig.canvas.draw()
-        figs[len(figs)] = fig
-        return real(fig)
-
-    rep = build(db)
-    plots._png = keep
-    try:
-        with Store(db) as store:
-            out = plots.all_figures(rep.results, rep.rows, store)
-    finally:
-        plots._png = real
-    return {f.key: figs[i] for i, f in enumerate([f for f in out if f.png is not None])}, out
+def drawn(db, draw_figures):
+    """Every figure of the report as a live matplotlib figure (key -> figure), and the report."""
+    return draw_figures(db)
 
 
 def test_heatmap_numbers_are_legible_and_the_colour_bar_is_in_percent(drawn):
@@ -241,3 +224,11 @@ def test_single_seed_cells_have_no_ranges(written):
     for text in (page, md):
         assert not re.search(r"\[\d+(\.\d)?[-–]\d+(\.\d)?\]", text)
     assert "min–max" not in page
+
+
+def test_image_grid_figures_keep_accuracy(drawn):
+    figs, _ = drawn
+    assert not any("auprc" in k for k in figs)
+    assert figs["curves-accuracy"].axes[0].get_ylabel() == "test accuracy"
+    heat = next(k for k in figs if k.startswith("heatmap-accuracy"))
+    assert figs[heat].axes[0].get_title() == "Accuracy (%)"

@@ -56,24 +56,8 @@ def test_table_and_legend_say_auprc(results):
 
 
 @pytest.fixture(scope="module")
-def drawn(db):
-    """The report's figures as live matplotlib figures (key -> figure), captured before they are closed."""
-    from phalanx.report import build, plots
-
-    live, real = [], plots._png
-
-    def keep(fig):
-        live.append(fig)
-        return real(fig)
-
-    rep = build(db)
-    plots._png = keep
-    try:
-        with Store(db) as store:
-            out = plots.all_figures(rep.results, rep.rows, store)
-    finally:
-        plots._png = real
-    return {f.key: fig for f, fig in zip([f for f in out if f.png is not None], live)}, rep
+def drawn(db, draw_figures):
+    return draw_figures(db)
 
 
 def test_figures_plot_auprc_not_accuracy(drawn):
