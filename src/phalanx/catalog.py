@@ -37,14 +37,15 @@ class Section:
 
 
 def stage_kind(name: str) -> str:
-    """'layer', 'aggregator', 'post' or 'other' for a registered defense stage: from the factory's
-    return annotation, else by building it with its defaults (and the values the simulator injects)."""
+    """'layer', 'aggregator', 'post' or 'other' for a registered defense stage: the class registered,
+    else the factory's return annotation, else by building it with its defaults (and the values the
+    simulator injects; building central_dp would import Opacus, seconds)."""
     from .defenses.base import Aggregator, Layer, Post
 
     factory = DEFENSES.get(name)
     kinds = ((Layer, "layer"), (Aggregator, "aggregator"), (Post, "post"))
     try:
-        ret = typing.get_type_hints(factory).get("return")
+        ret = factory if isinstance(factory, type) else typing.get_type_hints(factory).get("return")
     except Exception:  # an annotation that does not resolve
         ret = None
     for cls, kind in kinds:

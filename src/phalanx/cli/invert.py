@@ -56,7 +56,7 @@ def invert(dataset: str = typer.Option("fashion-mnist", help="registered dataset
            local_steps: int = typer.Option(5, help="FedAvg local steps"),
            lr: float = typer.Option(0.1, help="FedAvg local learning rate"),
            adaptive: bool = typer.Option(False, help="against pruning, match only non-zero coordinates"),
-           out: Path = typer.Option(Path("runs/invert"), help="output folder"),
+           out: Path = typer.Option(Path("results/invert"), help="output folder (PNG grid and JSON scores)"),
            plugin: list[str] = typer.Option(None, "--plugin", metavar="FILE_OR_MODULE",
                                             help="import your own module first (a dataset or model of "
                                             "yours; repeatable)")) -> None:
