@@ -100,6 +100,19 @@ def median_kernel(n: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda S: (S[:, lo] + S[:, hi]) * S.dtype.type(0.5)
 
 
+def trimmed_kernel(n: int, f: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Mean of the middle n - 2f values of each sorted row: one float32 matrix-vector product
+    (BLAS, several times faster than a pairwise sum over short strided rows)."""
+    ones = np.ones(n - 2 * f, dtype=np.float32)
+
+    def kernel(S: np.ndarray) -> np.ndarray:
+        out = S[:, f:n - f] @ ones.astype(S.dtype, copy=False)
+        out /= S.dtype.type(n - 2 * f)
+        return out
+
+    return kernel
+
+
 def bulyan_kernel(theta: int, beta: int, A: np.ndarray | None = None,
                   rows: np.ndarray | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """Mean of the beta values closest to the median of each sorted row s of S [b, theta]: the
@@ -182,7 +195,7 @@ class TrimmedMean(Aggregator):
         U, _, idx, rows = prepare_rows(self.name, U, w)
         n, f = len(idx), self.f
         honest_majority(self.name, n, f)
-        g = sorted_column_map(U, lambda S: S[:, f:n - f].sum(1) / S.dtype.type(n - 2 * f), rows)
+        g = sorted_column_map(U, trimmed_kernel(n, f), rows)
         return finite_or_raise(self.name, g), make_report(self.name, U.shape[0], idx, f=f)
 
     def __repr__(self):
