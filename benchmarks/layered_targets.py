@@ -42,6 +42,28 @@ def quarantine_rows(res, defense: str, by_round: int = QUARANTINE_ROUND) -> list
     return out
 
 
+def per_attack_table(res) -> list[str]:
+    """Markdown: one row per (setting, defense), one column per attack; final accuracy in %, the
+    backdoors' ASR as 'x%'; a failed cell shows 'failed', a missing one '-'."""
+    from phalanx.report.tables import summarize
+
+    attacks = list(res.attacks)
+    out = ["| setting | defense | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
+    for scen in res.scenarios:
+        for s in summarize(res):
+            vals = []
+            for a in attacks:
+                e = s.cells.get((scen, a))
+                if e is None or (e.acc is None and e.asr is None):
+                    vals.append("failed" if e is not None and e.failed else "-")
+                elif e.asr is not None:
+                    vals.append(f"{100 * e.asr.mean:.1f}%")
+                else:
+                    vals.append(f"{100 * e.acc.mean:.1f}")
+            out.append(f"| {scen[1]} | {s.defense} | " + " | ".join(vals) + " |")
+    return out
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -103,6 +125,7 @@ def main() -> None:
     ap.add_argument("db")
     ap.add_argument("--grid", default="seed_table")
     ap.add_argument("--defense", default="layered")
+    ap.add_argument("--table", action="store_true", help="also print the per-attack markdown table")
     args = ap.parse_args()
     from phalanx.report.tables import load_results, summarize
     from phalanx.store import Store
@@ -110,6 +133,8 @@ def main() -> None:
     res = load_results(Store(args.db), args.grid)
     print(f"grid {args.grid}: {len(res.runs)} runs, {len(res.failed)} failed, {res.missing} missing")
     print_ranking(score(res, summarize(res)))
+    if args.table:
+        print("\n" + "\n".join(per_attack_table(res)))
     print()
     lines = check(res, args.defense)
     print("\n".join(lines))
