@@ -575,10 +575,12 @@ class Distances:
     def n(self) -> int:
         return self.D.shape[0]
 
-    def _row_tensor(self, i: int) -> torch.Tensor:
+    def _same_rows(self, i: int, j: int) -> bool:
+        """Whether rows i and j are bit-for-bit copies (compared in numpy: a torch call right
+        after the worker threads' pass pays tens of ms of OpenMP wake-ups)."""
         g = self.gram
-        r = i if g.rows is None else int(g.rows[i])
-        return g.U[r]
+        ri, rj = (i, j) if g.rows is None else (int(g.rows[i]), int(g.rows[j]))
+        return bool(np.array_equal(g.A[ri], g.A[rj]))
 
     def _all_float64(self) -> None:
         """Every distance in float64 (a second Gram, float64 throughout); their bound (about
@@ -597,7 +599,7 @@ class Distances:
         which = which.flatten().tolist()
         a = which[0]
         return all(bool(self.D[a, b] <= self.E[a, b]) and not bool(self.gram.bad[b])
-                   and torch.equal(self._row_tensor(a), self._row_tensor(b)) for b in which[1:])
+                   and self._same_rows(a, b) for b in which[1:])
 
     def refine(self, which) -> None:
         which = torch.as_tensor(which, dtype=torch.long).flatten().unique()
@@ -612,7 +614,7 @@ class Distances:
             i = pending.pop(0)
             near = torch.nonzero(self.D[i] <= self.E[i]).flatten().tolist()
             twins = [j for j in near if j != i and not bool(self.gram.bad[j])
-                     and torch.equal(self._row_tensor(i), self._row_tensor(j))]
+                     and self._same_rows(i, j)]
             groups.append([i, *twins])
             todo.append(i)
             pending = [p for p in pending if p not in twins]
