@@ -153,7 +153,7 @@ for i in $(seq 0 $((NODES - 1))); do
 done
 
 # ---------------------------------------------------------------- RESEARCHER: submit the run
-RC="registry=\"$WORK/server/registry\" admin-fingerprint=\"$ADMIN_FP\" expected-nodes=$NODES min-nodes=1"
+RC="registry=\"$WORK/server/registry\" registry-seen=\"$WORK/server/registry.seq\" admin-fingerprint=\"$ADMIN_FP\" expected-nodes=$NODES min-nodes=1"
 RC+=" round-timeout=180 store=\"$WORK/server/runs.db\" checkpoint=\"$WORK/server/checkpoint.pt\""
 RC+=" summary=\"$WORK/summary.json\""
 [ -z "$EXPERIMENT" ] || RC+=" experiment=\"$EXPERIMENT\""

@@ -19,7 +19,10 @@ registry whose signature does not verify, whose ``admin.pub.pem`` is not the pin
 disagree with it, or whose folder or files are world-writable. So deleting or editing a file
 cannot un-revoke anyone: a revocation lives in the signed body, and the body cannot lose it
 without the admin key. A running registry also refuses to go back to a lower ``seq`` or to a
-different admin key (a restored older copy), keeping what it loaded last.
+different admin key (a restored older copy), keeping what it loaded last. Across restarts, a
+server passes ``seen_seq=`` (a file in its own state folder, not next to the registry): the highest
+``seq`` it has ever loaded is kept there (0600), and a registry below it is refused at start-up
+too, so restoring an older signed copy cannot un-revoke a client while the server was down.
 
 Rotation: ``rotate(id)`` gives a client a new key pair; the old key's fingerprint is revoked, so
 it stays rejected even if its public key file comes back. Rotating a revoked client readmits it
@@ -177,10 +180,12 @@ class KeyRegistry:
     ``KeyRegistry()`` lives in memory. ``dir=`` or ``db=`` backs it on disk: creating a new one,
     and every change, needs ``admin_key`` (the admin's private key); reading needs none.
     ``admin_fingerprint`` pins the admin key a registry on disk must be signed with.
-    ``create=False`` requires the store to exist."""
+    ``create=False`` requires the store to exist. ``seen_seq``: the file where this reader keeps
+    the highest ``seq`` it has loaded (read first, raised after every load)."""
 
     def __init__(self, *, dir: str | Path | None = None, db: str | Path | None = None, create: bool = True,
-                 admin_key: ec.EllipticCurvePrivateKey | None = None, admin_fingerprint: str | None = None):
+                 admin_key: ec.EllipticCurvePrivateKey | None = None, admin_fingerprint: str | None = None,
+                 seen_seq: str | Path | None = None):
         if dir is not None and db is not None:
             raise PhalanxError(f"key registry: expected dir or db, got both ({dir}, {db})")
         if admin_key is not None:
@@ -188,7 +193,8 @@ class KeyRegistry:
         self.dir, self.db = (Path(p) if p is not None else None for p in (dir, db))
         self.admin_key = admin_key
         self.admin_fingerprint = admin_fingerprint
-        self.seq = 0
+        self.seen_seq = Path(seen_seq) if seen_seq is not None else None
+        self.seq = self._read_seen()
         self._records: dict[str, KeyRecord] = {}
         self._revoked_clients: set[str] = set()
         self._revoked_keys: set[str] = set()
@@ -211,14 +217,15 @@ class KeyRegistry:
 
     @classmethod
     def open(cls, path: str | Path, *, admin_key: ec.EllipticCurvePrivateKey | None = None,
-             admin_fingerprint: str | None = None) -> "KeyRegistry":
+             admin_fingerprint: str | None = None, seen_seq: str | Path | None = None) -> "KeyRegistry":
         """An existing registry: a folder, or a SQLite file."""
         p = Path(path)
         if not p.exists():
             raise PhalanxError(f"key registry: expected an existing folder (admin.pub.pem, registry.json) or "
                                f"SQLite file, got missing path {p}")
         kind = {"dir": p} if p.is_dir() else {"db": p}
-        return cls(**kind, create=False, admin_key=admin_key, admin_fingerprint=admin_fingerprint)
+        return cls(**kind, create=False, admin_key=admin_key, admin_fingerprint=admin_fingerprint,
+                   seen_seq=seen_seq)
 
     # -- reading
     def __contains__(self, client_id: str) -> bool:
@@ -379,6 +386,7 @@ class KeyRegistry:
             self._sql(lambda c: (c.execute(_SCHEMA), c.execute(
                 "INSERT OR REPLACE INTO registry (name, body) VALUES (?, ?)", (STATE_FILE, text))))
         self._stamp = self._current_stamp()
+        self._write_seen()
 
     def _current_stamp(self) -> Any:
         """Changes whenever the store does: files are replaced atomically (new inode each write);
@@ -457,7 +465,8 @@ class KeyRegistry:
             raise IntegrityError(f"key registry {where}: {STATE_FILE} has format {body.get('format')!r}; "
                                  f"expected {REGISTRY_FORMAT!r}")
         if body["seq"] < self.seq:
-            raise IntegrityError(f"key registry {where}: {STATE_FILE} went back from seq {self.seq} to "
+            seen = f" (the highest this server loaded, kept in {self.seen_seq})" if self.seen_seq else ""
+            raise IntegrityError(f"key registry {where}: {STATE_FILE} went back from seq {self.seq}{seen} to "
                                  f"{body['seq']} (an older copy was restored); keeping seq {self.seq}")
         records = {}
         for cid, entry in body["clients"].items():
@@ -473,6 +482,27 @@ class KeyRegistry:
         self._revoked_clients = set(body["revoked_clients"])
         self._revoked_keys = set(body["revoked_keys"])
         self._refresh_flags()
+        self._write_seen()
+
+    def _read_seen(self) -> int:
+        """The highest seq recorded in ``seen_seq`` (0 when there is no such file yet)."""
+        if self.seen_seq is None or not self.seen_seq.exists():
+            return 0
+        text = self.seen_seq.read_text().strip()
+        if not text.isdigit():
+            raise IntegrityError(f"key registry: {self.seen_seq} should hold the highest registry seq this server "
+                                 f"loaded (a whole number), got {text[:40]!r}; restore it or remove it knowingly")
+        return int(text)
+
+    def _write_seen(self) -> None:
+        if self.seen_seq is None or self._read_seen() >= self.seq:
+            return
+        self.seen_seq.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.seen_seq.with_name(self.seen_seq.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{self.seq}\n")
+        os.replace(tmp, self.seen_seq)
 
     def save_dir(self, dir: str | Path, admin_key: ec.EllipticCurvePrivateKey | None = None) -> "KeyRegistry":
         """Copy every public key and revocation into a new signed folder; returns it."""

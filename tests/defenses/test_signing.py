@@ -636,3 +636,21 @@ def test_a_resumed_run_keeps_its_run_id(tiny_config, tmp_path):
     assert again.run_id == run_id == again.defense.layers[0].run_id
     rows = store.client_rows(run_id)
     assert rows and not any(r["flags"] for r in rows)
+
+
+def test_a_restarted_server_with_seen_seq_refuses_an_older_registry_copy(tmp_path):
+    keys, seen = tmp_path / "keys", tmp_path / "server-state" / "registry.seq"
+    reg = KeyRegistry(dir=keys, admin_key=ADMIN)
+    reg.generate("b")
+    old_state = (keys / "registry.json").read_text()
+    reg.revoke("b")
+    first = KeyRegistry.open(keys, seen_seq=seen)  # the server before its restart
+    assert first.get("b").revoked and int(seen.read_text()) == first.seq
+    assert stat.S_IMODE(seen.stat().st_mode) == 0o600
+    (keys / "registry.json").write_text(old_state)  # restored while the server was down
+    with pytest.raises(IntegrityError, match=r"went back from seq .*registry.seq"):
+        KeyRegistry.open(keys, seen_seq=seen)
+    assert not KeyRegistry.open(keys).get("b").revoked  # without its record a fresh reader cannot tell
+    seen.write_text("five\n")
+    with pytest.raises(IntegrityError, match="whole number"):
+        KeyRegistry.open(keys, seen_seq=seen)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from phalanx.integrations.local_deploy import LocalDeployment, _children_matching
+from phalanx.keys import KeyRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "deploy" / "flower_app"
@@ -29,7 +30,8 @@ AUTH = shutil.which("ssh-keygen") is not None  # node keys are made with ssh-key
 
 
 def run_config(d: LocalDeployment, work: Path, **extra):
-    return {"registry": str(d.registry), "admin-fingerprint": d.admin_fingerprint, "summary": str(work / "summary.json"),
+    return {"registry": str(d.registry), "registry-seen": str(work / "server" / "registry.seq"),
+            "admin-fingerprint": d.admin_fingerprint, "summary": str(work / "summary.json"),
             "store": str(work / "server" / "runs.db"), "round-timeout": 240, "node-wait": 240, **extra}
 
 
@@ -130,6 +132,8 @@ def test_server_restart_resumes_from_its_checkpoint(tmp_path):
     assert s["status"] == "done" and s["rounds_done"] == 3 and 1 <= s["resumed_from"] < 3
     assert [h["round"] for h in s["history"]] == [1, 2, 3] and not any(h["skipped"] for h in s["history"])
     assert all(not c["reasons"] for h in s["history"] for c in h["clients"])
+    # the server kept the registry's seq in its own folder: a restart refuses any older copy
+    assert int((tmp_path / "server" / "registry.seq").read_text()) == KeyRegistry.open(d.registry).seq
     acc = {int(k): v for k, v in s["accuracy"].items()}
     assert acc[3] >= acc[s["resumed_from"]] and acc[3] > 0.6 and s["final_finite"]
     from phalanx.store import Store

@@ -27,7 +27,8 @@ round 1, its honest round-1 reply replayed afterwards) or ``hang`` (from round
 a test can kill the node mid-round).
 
 Run-config keys (``[tool.flwr.app.config]``, or ``flwr run --run-config``): experiment,
-registry, admin-fingerprint, expected-nodes, min-nodes, node-wait, round-timeout, store,
+registry, registry-seen (a file in the server's own folder keeping the highest registry seq it
+loaded, so that a restart refuses an older copy), admin-fingerprint, expected-nodes, min-nodes, node-wait, round-timeout, store,
 checkpoint, summary.
 """
 
@@ -57,8 +58,8 @@ from .flower_client import ENVELOPE_KEY, ROUND_KEY, RUN_KEY, record_digest, sign
 
 __all__ = ["make_client_app", "make_server_app"]
 
-DEFAULTS = {"experiment": "experiment.yaml", "registry": "", "admin-fingerprint": "", "expected-nodes": 0,
-            "min-nodes": 1, "node-wait": 120, "round-timeout": 300, "store": "", "checkpoint": "", "summary": ""}
+DEFAULTS = {"experiment": "experiment.yaml", "registry": "", "registry-seen": "", "admin-fingerprint": "",
+            "expected-nodes": 0, "min-nodes": 1, "node-wait": 120, "round-timeout": 300, "store": "", "checkpoint": "", "summary": ""}
 
 
 def _app_dir() -> Path:
@@ -211,7 +212,8 @@ def run_server(grid: Grid, context: Context, app_dir: Path) -> dict[str, Any]:
     if registry is not None:
         from ..keys import KeyRegistry
 
-        registry = KeyRegistry.open(registry, admin_fingerprint=str(_rc(context, "admin-fingerprint")) or None)
+        registry = KeyRegistry.open(registry, admin_fingerprint=str(_rc(context, "admin-fingerprint")) or None,
+                                    seen_seq=str(_rc(context, "registry-seen")) or None)
     store = Store(str(_rc(context, "store"))) if str(_rc(context, "store")) else None
     fed = cfg.federation
     expected = int(_rc(context, "expected-nodes")) or fed.num_clients
