@@ -51,6 +51,7 @@ from flwr.supercore import log
 from ..config import ExperimentConfig, load_config
 from ..data import load_configured, partition
 from ..errors import PhalanxError
+from ..metrics import imbalance_metrics, positive_scores
 from ..models import build_model
 from ..training import LocalSpec, evaluate, local_update
 from ..updates import flatten_params, load_flat
@@ -231,20 +232,28 @@ def run_server(grid: Grid, context: Context, app_dir: Path) -> dict[str, Any]:
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         m = model_for(cfg, ds)
         m.load_state_dict(arrays.to_torch_state_dict())
-        acc, loss = evaluate(m, flatten_params(m), ds.x_test, ds.y_test)
-        return MetricRecord({"accuracy": float(acc), "loss": float(loss) if np.isfinite(loss) else -1.0})
+        params = flatten_params(m)
+        acc, loss = evaluate(m, params, ds.x_test, ds.y_test)
+        out = {"accuracy": float(acc), "loss": float(loss) if np.isfinite(loss) else -1.0}
+        if ds.num_classes == 2 and torch.isfinite(params).all():  # fraud: AUPRC and the like beside accuracy
+            scores = positive_scores(m, params, ds.x_test)
+            out.update({k: float(v) for k, v in imbalance_metrics(ds.y_test, scores).items() if v is not None})
+        return MetricRecord(out)
 
     init = strategy.initial_arrays(ArrayRecord(model.state_dict()))
-    start_acc = evaluate_fn(0, init)["accuracy"]
+    start = evaluate_fn(0, init)
+    start_acc = start["accuracy"]
     accuracy = {strategy.rounds_done: start_acc}
+    auprc: dict[int, float] = {}  # binary (fraud) tasks
     offset = strategy.rounds_done
 
     def evaluate_each(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        out = evaluate_fn(server_round, arrays) if server_round else MetricRecord({"accuracy": start_acc})
+        out = evaluate_fn(server_round, arrays) if server_round else start
         accuracy[offset + server_round] = float(out["accuracy"])
+        if "auprc" in out:
+            auprc[offset + server_round] = float(out["auprc"])
         if server_round:
-            strategy.record_metrics(offset + server_round, {"accuracy": float(out["accuracy"]),
-                                                            "loss": float(out["loss"])})
+            strategy.record_metrics(offset + server_round, {k: float(out[k]) for k in out.keys()})
         return out
 
     status = "done"
@@ -260,6 +269,7 @@ def run_server(grid: Grid, context: Context, app_dir: Path) -> dict[str, Any]:
         summary = {"run_id": strategy.run_id, "experiment": str(path), "status": status,
                    "rounds_done": strategy.rounds_done, "rounds": fed.rounds,
                    "resumed_from": offset, "accuracy": {str(k): v for k, v in sorted(accuracy.items())},
+                   **({"auprc": {str(k): v for k, v in sorted(auprc.items())}} if auprc else {}),
                    "history": [{k: h.get(k) for k in ("round", "rejections", "missing", "missing_causes", "skipped",
                                                        "error", "seconds")}
                                | {"clients": [{k: c.get(k) for k in ("node_id", "client_id", "reasons", "selected",
@@ -279,8 +289,8 @@ def run_server(grid: Grid, context: Context, app_dir: Path) -> dict[str, Any]:
             strategy.finish({"accuracy": accuracy.get(strategy.rounds_done), "rounds": strategy.rounds_done},
                             status="done" if status == "done" and strategy.rounds_done >= fed.rounds else "interrupted")
             store.close()
-    log(20, "phalanx: run %s finished %s of %s rounds; accuracy %s", strategy.run_id, strategy.rounds_done,
-        fed.rounds, summary["accuracy"])
+    log(20, "phalanx: run %s finished %s of %s rounds; accuracy %s%s", strategy.run_id, strategy.rounds_done,
+        fed.rounds, summary["accuracy"], f"; AUPRC {summary['auprc']}" if auprc else "")
     return summary
 
 
