@@ -1,6 +1,7 @@
 """`phalanx keys`: init, generate, list, revoke and rotate over a signed folder and a SQLite file;
 private keys only where the operator says; clean one-line errors."""
 
+import json
 import stat
 
 import pytest
@@ -103,3 +104,39 @@ def test_errors_are_one_line_and_exit_1(tmp_path):
     _fails("list", match="world-writable")
     (tmp_path / "keys").chmod(0o700)
     _ok("generate", "a", *ADMIN, "--private-dir", "out", "--force")
+
+
+def _legacy_folder(path, clients):
+    """A registry as written before signed revocations: <id>.pub.pem, <id>.meta.json, <id>.key.pem."""
+    from phalanx.keys import new_private_key, public_pem, write_private_key
+
+    path.mkdir()
+    for cid, revoked in clients.items():
+        key = new_private_key()
+        (path / f"{cid}.pub.pem").write_text(public_pem(key.public_key()))
+        (path / f"{cid}.meta.json").write_text(json.dumps({"revoked": revoked, "created": "2026-01-01T00:00:00Z"}))
+        write_private_key(path / f"{cid}.key.pem", key)
+
+
+def test_migrate_a_legacy_folder_and_sqlite_file(tmp_path):
+    import sqlite3
+
+    from phalanx.keys import new_private_key, write_private_key
+
+    _legacy_folder(tmp_path / "old", {"bank-a": False, "bank-b": True})
+    write_private_key(tmp_path / "admin.key.pem", new_private_key())
+    out = _ok("migrate", "old", "--dir", "keys", "--admin-key", "admin.key.pem")
+    assert "2 client(s), 1 revoked" in out and "2 private key(s) still sit in old" in out
+    reg = KeyRegistry.open(tmp_path / "keys")
+    assert [(r.client_id, r.revoked, r.created) for r in reg.list()] == [
+        ("bank-a", False, "2026-01-01T00:00:00Z"), ("bank-b", True, "2026-01-01T00:00:00Z")]
+    assert reg.get("bank-b").fingerprint in reg.revoked_fingerprints()
+    assert not list((tmp_path / "keys").glob("*.key.pem"))  # private keys are not carried over
+    with sqlite3.connect(tmp_path / "old.db") as con:
+        con.execute("CREATE TABLE client_keys (client_id TEXT, public_pem TEXT, revoked INTEGER, created TEXT)")
+        con.execute("INSERT INTO client_keys VALUES (?, ?, 1, 't0')",
+                    ("c1", (tmp_path / "old" / "bank-a.pub.pem").read_text()))
+    _ok("migrate", "old.db", "--db", "new.db", "--admin-key", "admin.key.pem")
+    assert [(r.client_id, r.revoked) for r in KeyRegistry.open(tmp_path / "new.db").list()] == [("c1", True)]
+    _fails("migrate", "old", "--dir", "keys", "--admin-key", "admin.key.pem", match="already exists")
+    _fails("migrate", "nowhere", "--dir", "k2", "--admin-key", "admin.key.pem", match="missing path nowhere")

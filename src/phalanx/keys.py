@@ -521,3 +521,48 @@ class KeyRegistry:
 
     def __repr__(self) -> str:
         return f"KeyRegistry({self.location}, clients={len(self)})"
+
+
+# ---------------------------------------------------------------------------- legacy registries
+def read_legacy(path: str | Path) -> list[tuple[str, ec.EllipticCurvePublicKey, bool, str]]:
+    """The clients of a registry written before signed revocations: (id, public key, revoked, created).
+
+    A folder held ``<id>.pub.pem`` with ``<id>.meta.json`` ({"revoked", "created"}) and, next to them,
+    private keys ``<id>.key.pem``; a SQLite file a table ``client_keys(client_id, public_pem,
+    revoked, created)``. Nothing in it was signed, so the operator vouches for what is migrated."""
+    p = Path(path)
+    out = []
+    if p.is_dir():
+        for pub in sorted(p.glob("*.pub.pem")):
+            cid = check_client_id(pub.name[:-len(".pub.pem")])
+            meta_file = p / f"{cid}.meta.json"
+            try:
+                meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            except ValueError:
+                raise DataError(f"legacy registry {p}: {meta_file.name} is not JSON") from None
+            key = load_public_pem(pub.read_text(), f"legacy registry {p}: {pub.name}")
+            out.append((cid, key, bool(meta.get("revoked", False)), str(meta.get("created", _now()))))
+        return out
+    try:
+        with closing(sqlite3.connect(f"file:{p}?mode=ro", uri=True)) as con:
+            rows = con.execute("SELECT client_id, public_pem, revoked, created FROM client_keys").fetchall()
+    except sqlite3.Error as e:
+        raise DataError(f"legacy registry {p}: expected a folder of <id>.pub.pem files or a SQLite file with "
+                        f"table client_keys, got error: {e}") from None
+    return [(check_client_id(c), load_public_pem(pem, f"legacy registry {p}: client {c!r}"), bool(r), str(t))
+            for c, pem, r, t in rows]
+
+
+def migrate_legacy(old: str | Path, admin_key: ec.EllipticCurvePrivateKey, *, dir: str | Path | None = None,
+                   db: str | Path | None = None) -> KeyRegistry:
+    """A new signed registry (``dir=`` or ``db=``) holding the public keys, creation times and
+    revocations of the legacy registry at ``old``; its private keys are not carried over."""
+    entries = read_legacy(old)
+    new = Path(dir if dir is not None else db)
+    if new.exists():
+        raise PhalanxError(f"migrate: {new} already exists; expected a new registry path")
+    legacy = KeyRegistry()
+    legacy._records = {cid: KeyRecord(cid, key, False, created) for cid, key, _, created in entries}
+    legacy._revoked_clients = {cid for cid, _, revoked, _ in entries if revoked}
+    legacy._revoked_keys = {fingerprint(key) for _, key, revoked, _ in entries if revoked}
+    return legacy._copy(KeyRegistry(dir=dir, db=db, admin_key=admin_key))

@@ -5,6 +5,7 @@
     phalanx keys list     --dir registry
     phalanx keys revoke   bank-b --dir registry --admin-key admin/admin.key.pem
     phalanx keys rotate   bank-a --dir registry --admin-key admin/admin.key.pem --private-dir out/
+    phalanx keys migrate  old-keys --dir registry --admin-key admin/admin.key.pem
 
 A registry is a folder (``--dir``, default ``keys``) or a SQLite file (``--db``) of public keys
 and revocations, signed by the admin key. Private keys go where ``--private-dir`` says, never into
@@ -22,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import PhalanxError
-from ..keys import KeyRegistry, _inside, fingerprint, load_private_key, new_private_key, write_private_key
+from ..keys import (KeyRegistry, _inside, fingerprint, load_private_key, migrate_legacy, new_private_key,
+                    write_private_key)
 
 app = typer.Typer(help="Manage client signing keys (ECDSA P-256) in a registry signed by an admin key.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -152,6 +154,28 @@ def rotate(client_id: str = typer.Argument(..., metavar="CLIENT_ID"),
     Console(highlight=False).print(f"rotated {client_id}: old key {old[:16]} revoked, new key "
                                    f"{reg.get(client_id).fingerprint[:16]}, private key "
                                    f"{private_dir / (client_id + '.key.pem')}")
+
+
+@app.command()
+def migrate(old: Path = typer.Argument(..., metavar="OLD", help="A registry from before signed revocations: "
+                                       "a folder of <id>.pub.pem + <id>.meta.json, or a SQLite file."),
+            dir: Optional[Path] = DirOpt, db: Optional[Path] = DbOpt, admin_key: Path = AdminOpt) -> None:
+    """Copy an unsigned legacy registry's public keys and revocations into a new signed one."""
+    console = Console(highlight=False)
+    try:
+        if not old.exists():
+            raise PhalanxError(f"expected an existing legacy registry, got missing path {old}")
+        kind, path = _path(dir, db)
+        reg = migrate_legacy(old, load_private_key(admin_key), **{kind: path})
+    except (PhalanxError, OSError) as e:
+        _fail(str(e))
+    revoked = sum(r.revoked for r in reg.list())
+    console.print(f"registry {reg.location}: {len(reg)} client(s), {revoked} revoked, signed by admin key "
+                  f"{reg.admin_public_fingerprint[:16]} (seq {reg.seq})")
+    private = sorted(old.glob("*.key.pem")) if old.is_dir() else []
+    if private:
+        console.print(f"{len(private)} private key(s) still sit in {old} ({', '.join(p.name for p in private[:3])}"
+                      f"{', ...' if len(private) > 3 else ''}): hand each to its client only, then delete them there")
 
 
 if __name__ == "__main__":  # pragma: no cover
