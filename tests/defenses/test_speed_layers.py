@@ -76,3 +76,12 @@ def test_sign_filter_reads_only_live_finite_rows():
     assert V is U
     assert set(rep.reasons) == {0, 1, 2}
     assert float(w2[4]) == 1.0 and float(w2[9]) == 0.0
+
+
+def test_scale_rows_rounds_float64_products_once():
+    from phalanx.defenses.clip import scale_rows
+
+    U = rows(n=7, d=90_001)
+    s = torch.tensor([1.0, 0.3, 1.0, 1 / 3, 0.999999, 1.0, 1e-3], dtype=torch.float64)
+    assert torch.equal(scale_rows(U, s), (U.double() * s[:, None]).float())
+    assert torch.equal(scale_rows(U.double(), s), U.double() * s[:, None])

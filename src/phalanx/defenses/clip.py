@@ -28,24 +28,24 @@ from .base import Layer, Report, check_positive
 
 def scale_rows(U: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """A new matrix with row i = U_i * scale_i (float64 products rounded to U's dtype; rows with
-    scale 1 copied bit for bit), in one pass over U in column blocks."""
+    scale 1 copied bit for bit), in one pass over U: each worker takes a chunk of columns and
+    writes it row by row (one numpy call per row, no fancy-indexed temporaries)."""
     if U.device.type != "cpu" or U.dtype not in (torch.float32, torch.float64):
         return (U.double() * scale.to(U.device)[:, None]).to(U.dtype)
     A = readable(U)
     n, d = A.shape
     out_t = new_matrix(n, d, U.dtype)
     out = out_t.numpy()
-    s = scale.cpu().numpy()
-    moved = np.flatnonzero(s != 1)
-    kept = np.flatnonzero(s == 1)
-    sm = s[moved][:, None]
-    tasks, bc = column_tasks(d, n, A.itemsize)
+    s = scale.cpu().double().numpy()
+    tasks, _ = column_tasks(d, n, A.itemsize)
 
     def work(t):
-        for j in range(t[0], t[1], bc):
-            e = min(j + bc, t[1])
-            out[kept, j:e] = A[kept, j:e]
-            out[moved, j:e] = A[moved, j:e] * sm  # float32 * float64 -> float64, then rounded
+        j, e = t
+        for i in range(n):
+            if s[i] == 1:
+                out[i, j:e] = A[i, j:e]
+            else:  # float32 * float64 -> float64, then rounded
+                np.multiply(A[i, j:e], s[i], out=out[i, j:e], dtype=np.float64, casting="unsafe")
 
     run_chunks(tasks, work)
     return out_t
