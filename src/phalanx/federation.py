@@ -32,8 +32,8 @@ from .errors import ConfigError, PhalanxError
 from .metrics import client_stats, detection, imbalance_metrics, positive_scores
 from .models import build_model
 from .registry import ATTACKS, POISONS
-from .training import (LocalSpec, evaluate, local_momentum_update, local_update, vectorized_momentum_updates,
-                       vectorized_updates)
+from .training import (LocalSpec, Shards, evaluate, local_momentum_update, local_update,
+                       vectorized_momentum_updates, vectorized_updates)
 from .updates import flatten_params, load_flat
 
 
@@ -224,7 +224,7 @@ class Federation:
                     rows[i], losses[i] = self.dp_client_update(rnd, int(c))
         batch = [i for i in range(len(chosen)) if rows[i] is None and hooks[i] is None]
         if fed.engine == "vectorized" and batch:  # hooked clients take the sequential path below
-            data = [(self.data.x_train[self.parts[chosen[i]]], self.data.y_train[self.parts[chosen[i]]]) for i in batch]
+            data = Shards(self.data.x_train, self.data.y_train, [self.parts[chosen[i]] for i in batch])
             gens = [self.client_generator(rnd, int(chosen[i])) for i in batch]
             poisons = [self.poisons.get(int(chosen[i])) if own_terms[i] else None for i in batch]
             if fed.client_momentum:

@@ -90,6 +90,9 @@ class Store:
         try:
             self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
+            # WAL with synchronous=NORMAL: no fsync per commit (a power cut may lose the last rounds,
+            # never corrupt the store); a distributed-SGD run commits twice per round
+            self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
             raise PhalanxError(f"{self.path}: not a phalanx results store ({e})") from None

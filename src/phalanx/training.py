@@ -46,6 +46,18 @@ class LocalSpec:
 Poison = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class Shards:
+    """The clients' data without copies: client c holds rows ``parts[c]`` of (x, y)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    parts: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
 def _transform_step(params: list[torch.Tensor], transform, weight_decay: float) -> None:
     """Replace every parameter's gradient by ``transform`` of the flat step direction (the gradient
     plus weight decay, computed as SGD does), so the optimizer then runs without weight decay."""
@@ -168,13 +180,14 @@ def predict(model: nn.Module, params: torch.Tensor, x: torch.Tensor, batch_size:
     return torch.cat([model(x[s:s + batch_size]).argmax(1) for s in range(0, len(x), batch_size)])
 
 
-def vectorized_updates(model: nn.Module, global_params: torch.Tensor, data: list[tuple[torch.Tensor, torch.Tensor]],
-                       spec: LocalSpec, gens: list[torch.Generator], poisons: list[Poison | None]) -> tuple[torch.Tensor, list[float]]:
+def vectorized_updates(model: nn.Module, global_params: torch.Tensor,
+                       data: "list[tuple[torch.Tensor, torch.Tensor]] | Shards", spec: LocalSpec, gens: list[torch.Generator], poisons: list[Poison | None]) -> tuple[torch.Tensor, list[float]]:
     """Local training of k clients at once with ``torch.func.vmap``: the fast path.
 
     It runs the same SGD as ``local_update`` (same shuffles and poison draws from each client's
     generator, same momentum rule, the last short batch included), with every client's step
-    batched into one call; clients with fewer batches sit idle once they are done. Results
+    batched into one call; clients with fewer batches sit idle once they are done. ``data``: each
+    client's (x, y), or ``Shards`` (row indices into shared tensors: no copy). Results
     agree with the sequential reference up to floating-point rounding.
     Returns (U [k, d], mean training loss per client).
     """
@@ -183,7 +196,7 @@ def vectorized_updates(model: nn.Module, global_params: torch.Tensor, data: list
 
 
 def vectorized_momentum_updates(model: nn.Module, global_params: torch.Tensor,
-                                data: list[tuple[torch.Tensor, torch.Tensor]], spec: LocalSpec,
+                                data: "list[tuple[torch.Tensor, torch.Tensor]] | Shards", spec: LocalSpec,
                                 gens: list[torch.Generator], poisons: list[Poison | None],
                                 buffers: torch.Tensor | None) -> tuple[torch.Tensor, list[float], torch.Tensor]:
     """``vectorized_updates`` continuing from each client's momentum buffer (worker momentum).
@@ -210,14 +223,18 @@ def vectorized_momentum_updates(model: nn.Module, global_params: torch.Tensor,
         _check_buffer("vectorized_momentum_updates", buffers, tuple(theta.shape))
     start = torch.zeros_like(theta) if buffers is None else buffers.detach().to(theta.dtype).clone()
     buf = start.clone()
-    counts = [len(y) for _, y in data]
+    counts = [len(p) for p in data.parts] if isinstance(data, Shards) else [len(y) for _, y in data]
     per_epoch = [-(-n // B) for n in counts]
     budget = [min(spec.epochs * s, spec.max_steps or 10**12) for s in per_epoch]
     done = [0] * k
     losses = torch.zeros(k, dtype=torch.float64)
-    # every client's samples in one tensor; a step gathers all live clients' batches at once
-    X, Y = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
-    offsets = torch.tensor([0] + counts[:-1]).cumsum(0)
+    # every client's samples as rows of one tensor; a step gathers all live clients' batches at once
+    if isinstance(data, Shards):
+        X, Y, rows_of = data.x, data.y, [torch.as_tensor(p, dtype=torch.long) for p in data.parts]
+    else:
+        X, Y = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+        offsets = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
+        rows_of = [torch.arange(o, o + n) for o, n in zip(offsets, counts)]
     width = max(per_epoch) * B
     model.train()
     for _ in range(spec.epochs):
@@ -227,7 +244,7 @@ def vectorized_momentum_updates(model: nn.Module, global_params: torch.Tensor,
         valid = torch.zeros(k, width)
         for c, order in enumerate(orders):
             if order is not None:
-                index[c, :len(order)] = order + offsets[c]
+                index[c, :len(order)] = rows_of[c][order]
                 valid[c, :len(order)] = 1.0
         for s in range(max(per_epoch)):
             live = [c for c in range(k) if orders[c] is not None and s < per_epoch[c] and done[c] < budget[c]]
