@@ -16,6 +16,7 @@ from .base import Aggregator, check_nonneg_int
 from .common import finite_or_raise, honest_majority, make_report, prepare_rows
 
 _BLOCK_BYTES = 1 << 20  # one column block (n rows x bc columns) fits in a core's L2 cache
+_ROWWISE_MAX = 128  # chosen rows up to which a block is transposed one row at a time
 
 
 _NETWORK_MAX = 24  # rows up to which a sorting network over whole rows beats sorting columns
@@ -78,6 +79,9 @@ def sorted_column_map(U: torch.Tensor, kernel: Callable[[np.ndarray], np.ndarray
             S = buf[:e - j]
             if r is None:
                 S[...] = A[:, j:e].T
+            elif n <= _ROWWISE_MAX:  # each chosen row written into its column of S: no gathered copy
+                for k, i in enumerate(r):
+                    S[:, k] = A[i, j:e]
             else:
                 np.take(A[:, j:e], r, axis=0, out=tmp[:, :e - j])
                 S[...] = tmp[:, :e - j].T
