@@ -186,13 +186,14 @@ def _init_worker(queue: Any = None) -> None:
 _STORES: dict[str, Store] = {}
 
 
-def run_cell(key: str, config: dict, db: str, notify: Callable | None = None) -> dict[str, Any]:
-    """Run one cell and store it (status 'done', or 'failed' with the error). Never raises on bad input."""
+def run_cell(key: str, config: dict, db: str | Store, notify: Callable | None = None) -> dict[str, Any]:
+    """Run one cell and store it (status 'done', or 'failed' with the error) in ``db`` (a path, or
+    an open Store: a Ray task's private one). Never raises on bad input."""
     import phalanx  # noqa: F401  (registers everything in a fresh worker)
 
     from .federation import Federation
 
-    store = _STORES.get(db) or _STORES.setdefault(db, Store(db))
+    store = db if isinstance(db, Store) else (_STORES.get(db) or _STORES.setdefault(db, Store(db)))
     notify = notify or (_QUEUE.put if _QUEUE is not None else None)
     t0, fed = time.perf_counter(), None
     try:
@@ -295,11 +296,15 @@ def _matches(cell: Cell, pattern: str) -> bool:
 
 
 def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: int | None = None,
-             progress: Any = None, redo: Sequence[str] = ()) -> GridOutcome:
+             progress: Any = None, redo: Sequence[str] = (), ray: str | None = None) -> GridOutcome:
     """Run the cells of ``spec`` not yet done in ``db`` (at most ``limit``), then the leakage audit.
 
     redo: glob patterns on ``attack/defense`` (``fang_krum/*``); matching cells run again even when
     done, say after a code change. Their older runs stay in the store; reports use the newest.
+
+    ray: None runs the cells here (a pool of ``workers`` processes); a string runs them as Ray tasks
+    on the cluster at that address ('' for Ray's default), at most ``workers`` at a time (default:
+    the cluster's CPUs), with results written here (see :mod:`phalanx.bench_ray`).
 
     progress: None, or an object with ``start(cells, probes)``, ``advance(cell_key)`` (one round
     done), ``cell_done(cell, result)`` and ``probe_done()`` (the CLI passes a rich progress bar).
@@ -324,14 +329,18 @@ def run_grid(spec: GridSpec, db: str | Path, workers: int | None = None, limit: 
     if limit is not None:
         todo = todo[:limit]
     probes = plan_privacy(store, spec) if limit is None else []
-    workers = workers or spec.workers
+    slots, workers = workers, workers or spec.workers
     if progress:
         progress.start([c for c, _ in todo], len(probes))
     pdict = spec.privacy.model_dump() if spec.privacy else {}
     restore = sigterm_interrupts()
     held: list[str] = []  # the cells this process has claimed and not finished
     try:
-        if workers <= 1:
+        if ray is not None:
+            from .bench_ray import run_on_ray
+
+            run_on_ray(out, store, todo, probes, pdict, ray, slots, progress, claims, held)
+        elif workers <= 1:
             _init_worker()
             for c, again in todo:
                 if not claims.take(c.key, again):

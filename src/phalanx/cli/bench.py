@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperCommand
 
 from ..errors import PhalanxError
 from .common import console, fail, runs_table
@@ -54,12 +56,17 @@ class RichProgress:
 def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x seeds)"),
           db: Optional[Path] = typer.Option(None, help="SQLite results store (default: results/<grid name>.db)"),
           workers: Optional[int] = typer.Option(None, min=1,
-                                                help="parallel worker processes (default: the grid's workers)"),
+                                                help="parallel worker processes (default: the grid's workers); with "
+                                                "--ray, cells in flight (default: the cluster's CPUs)"),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override a grid field: key.sub=value"),
           limit: Optional[int] = typer.Option(None, min=1, help="run at most N pending cells, then stop"),
           redo: Optional[List[str]] = typer.Option(None, help="run ATTACK/DEFENSE cells again even when done "
                                                    "(a glob such as 'fang_krum/*'; repeatable)"),
           out: Optional[Path] = typer.Option(None, help="also write the HTML report into this folder"),
+          ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                            help="run the cells as Ray tasks on the cluster at ADDRESS (host:port, "
+                                            "ray://host:10001, auto; none: RAY_ADDRESS, else the cluster `ray start` "
+                                            "made here, else a new local one); results land in --db here"),
           plugin: Optional[List[str]] = typer.Option(None, "--plugin", metavar="FILE_OR_MODULE",
                                                      help="import your own module first: a .py file or a dotted "
                                                      "module name (repeatable); grid workers import it too")):
@@ -73,7 +80,7 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
         db = db or Path("results") / f"{spec.name}.db"
         bar = RichProgress(console)
         try:
-            outcome = run_grid(spec, db, workers=workers, limit=limit, progress=bar, redo=redo or [])
+            outcome = run_grid(spec, db, workers=workers, limit=limit, progress=bar, redo=redo or [], ray=ray)
         finally:
             bar.stop()
         console.print(f"{spec.name}: {outcome.total} cells, {outcome.skipped} already done (or taken by another process), {outcome.ran} run, "
@@ -146,9 +153,21 @@ def _runs_report(db: Path, out: Path) -> None:
     console.print(f"report: {rep.html} and {rep.markdown}", highlight=False)
 
 
+class _BenchCommand(TyperCommand):
+    """``bench``, whose ``--ray`` takes an optional value (typer has no such option): alone, it
+    means Ray's default cluster ('')."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for i, p in enumerate(self.params):
+            if p.name == "ray":
+                self.params[i] = click.Option(p.opts, is_flag=False, flag_value="", default=None,
+                                              metavar="[ADDRESS]", help=p.help)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``bench`` and ``report`` to a typer app."""
-    app.command()(bench)
+    app.command(cls=_BenchCommand)(bench)
     app.command()(report)
 
 
