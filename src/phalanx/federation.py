@@ -32,6 +32,7 @@ from .errors import ConfigError, PhalanxError
 from .metrics import client_stats, detection, imbalance_metrics, positive_scores
 from .models import build_model
 from .registry import ATTACKS, POISONS
+from .seeding import derived_seeds
 from .training import (LocalSpec, Shards, evaluate, local_momentum_update, local_update,
                        vectorized_momentum_updates, vectorized_updates)
 from .updates import flatten_params, load_flat
@@ -156,6 +157,10 @@ class Federation:
     def client_generator(self, rnd: int, client: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, rnd, client]).integers(2**62)))
 
+    def client_generators(self, rnd: int, clients) -> list[torch.Generator]:
+        """``client_generator`` for many clients, their seeds derived in one vectorized pass."""
+        return [torch.Generator().manual_seed(s) for s in derived_seeds([self.cfg.seed, rnd], clients).tolist()]
+
     def setup_dp(self) -> None:
         """Per-client DP-SGD bookkeeping; with target_epsilon, the noise that reaches it by the last round."""
         from .defenses.privacy import noise_for_epsilon
@@ -211,21 +216,28 @@ class Federation:
         from .attacks.base import TrainingInfo
 
         fed = self.cfg.federation
-        own_terms = [attacking and bool(self.malicious[c]) and (self.attack is not None or int(c) in self.poisons)
-                     for c in chosen]
+        chosen = np.asarray(chosen)
+        k = len(chosen)
+        own_terms = [False] * k
+        if attacking and (self.attack is not None or self.poisons):
+            for i in np.flatnonzero(self.malicious[torch.from_numpy(chosen)].numpy()).tolist():
+                own_terms[i] = self.attack is not None or int(chosen[i]) in self.poisons
         make_hook = getattr(self.attack, "training_hook", None)
-        hooks = [make_hook(TrainingInfo(rnd, self.client_ids[c], self.params, self.attack_history))
-                 if own and make_hook is not None else None for c, own in zip(chosen, own_terms)]
-        rows: list = [None] * len(chosen)
-        losses: list = [None] * len(chosen)
+        hooks: list = [None] * k
+        if make_hook is not None:
+            for i in (i for i, own in enumerate(own_terms) if own):
+                hooks[i] = make_hook(TrainingInfo(rnd, self.client_ids[chosen[i]], self.params, self.attack_history))
+        rows: list = [None] * k
+        losses: list = [None] * k
+        whole = None  # U when every client trained in one vectorized call, rows in order
         if fed.dp_sgd is not None:  # everyone trains privately but an attacker at work
             for i, c in enumerate(chosen):
                 if not own_terms[i]:
                     rows[i], losses[i] = self.dp_client_update(rnd, int(c))
-        batch = [i for i in range(len(chosen)) if rows[i] is None and hooks[i] is None]
+        batch = [i for i in range(k) if rows[i] is None and hooks[i] is None]
         if fed.engine == "vectorized" and batch:  # hooked clients take the sequential path below
-            data = Shards(self.data.x_train, self.data.y_train, [self.parts[chosen[i]] for i in batch])
-            gens = [self.client_generator(rnd, int(chosen[i])) for i in batch]
+            data = Shards(self.data.x_train, self.data.y_train, [self.parts[c] for c in chosen[batch].tolist()])
+            gens = self.client_generators(rnd, chosen[batch])
             poisons = [self.poisons.get(int(chosen[i])) if own_terms[i] else None for i in batch]
             if fed.client_momentum:
                 start = torch.stack([self.momentum_buffer(int(chosen[i])) for i in batch])
@@ -235,9 +247,12 @@ class Federation:
                     self.momentum_buffers[int(chosen[i])] = B[j].clone()
             else:
                 U, vlosses = vectorized_updates(self.model, self.params, data, self.spec, gens, poisons)
-            for j, i in enumerate(batch):
-                rows[i], losses[i] = U[j], vlosses[j]
-        for i, c in enumerate(chosen):
+            if len(batch) == k:
+                whole, losses = U, list(vlosses)
+            else:
+                for j, i in enumerate(batch):
+                    rows[i], losses[i] = U[j], vlosses[j]
+        for i, c in enumerate(chosen if whole is None else ()):
             if rows[i] is None:
                 idx = self.parts[c]
                 poison = self.poisons.get(int(c)) if own_terms[i] else None
@@ -248,11 +263,13 @@ class Federation:
                         *args, self.momentum_buffer(int(c)), poison, hooks[i])
                 else:
                     rows[i], losses[i] = local_update(*args, poison, hooks[i])
-        if fed.dp_sgd is None:  # as before, a DP-SGD run applies no client-side transforms
+        if fed.dp_sgd is None and self.hooks.client_update:  # a DP-SGD run applies no client-side transforms
+            rows = list(whole) if whole is not None else rows
+            whole = None
             for i, c in enumerate(chosen):
                 for hook in self.hooks.client_update:
                     rows[i] = hook(rows[i], self.client_ids[c], rnd)
-        return torch.stack(rows), losses
+        return (torch.stack(rows) if whole is None else whole), losses
 
     def momentum_buffer(self, client: int) -> torch.Tensor:
         """Client ``client``'s worker-momentum buffer [d]: zeros before its first round."""
@@ -351,20 +368,23 @@ class Federation:
         if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
             metrics.update(self.evaluate())
         metrics["seconds"] = time.perf_counter() - t0
-        finite = torch.isfinite(U).all(1)
-        norms, cos = client_stats(torch.where(finite[:, None], U, torch.zeros_like(U)), g)
+        norms, cos, finite = client_stats(U, g)  # non-finite rows: no norm, no cosine
         for cid in self.quarantined() or ():  # held by a stage, whichever stage's reason the row shows
             self.first_quarantine.setdefault(cid, rnd)
         metrics.update(self.quarantine_metrics())
-        clients = [{"client_id": self.client_ids[c], "malicious": bool(mal[i]),
-                    "norm": float(norms[i]) if finite[i] else None, "cosine": float(cos[i]) if finite[i] else None,
-                    "weight": float(w[i]) * (0.0 if discarded[i] else 1.0),
+        columns = zip(chosen.tolist(), mal.tolist(), finite.tolist(), norms.tolist(), cos.tolist(), w.tolist(),
+                      discarded.tolist())
+        clients = [{"client_id": self.client_ids[c], "malicious": m,
+                    "norm": nm if ok else None, "cosine": cs if ok else None,
+                    "weight": wt * (0.0 if out else 1.0),
                     "flags": [report.reasons[i]] if i in report.reasons else []}
-                   for i, c in enumerate(chosen)]
+                   for i, (c, m, ok, nm, cs, wt, out) in enumerate(columns)]
         for rep in report.info.get("reports", []):  # what each stage saw, per client
             if rep.scores is not None and len(rep.scores) == len(chosen):
-                for i, row in enumerate(clients):
-                    row[f"{rep.name}_score"] = float(rep.scores[i])
+                key = f"{rep.name}_score"
+                scores = rep.scores.tolist() if hasattr(rep.scores, "tolist") else rep.scores
+                for row, score in zip(clients, scores):
+                    row[key] = float(score)
         self.round = rnd + 1
         return RoundResult(rnd, metrics, clients, g, report)
 

@@ -22,12 +22,25 @@ def detection(discarded: torch.Tensor, malicious: torch.Tensor) -> dict[str, flo
             "det_false_positive": int((discarded & ~malicious).sum())}
 
 
-def client_stats(U: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L2 norm of each row, cosine of each row with the aggregate g), both [n], float64."""
-    U64, g64 = U.double(), g.double()
-    norms = U64.norm(dim=1)
-    cos = (U64 @ g64) / (norms * g64.norm()).clamp_min(1e-12)
-    return norms, cos
+def client_stats(U: torch.Tensor, g: torch.Tensor,
+                 block_bytes: int = 32 << 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L2 norm of each row, cosine of each row with the aggregate g, float64 [n] each; whether the
+    row is finite, bool [n]). A row with a NaN or inf counts as zeros. Computed in float64 over
+    blocks of rows of about ``block_bytes``, so no float64 copy of the whole of U is made; blocks
+    are a multiple of 64 rows, so BLAS's matrix-vector kernels (which take rows in groups) give
+    each row the bits they give it in one product over all of U."""
+    g64 = g.double()
+    n, d = U.shape
+    norms, dots = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    finite = torch.empty(n, dtype=torch.bool)
+    step = max(64, block_bytes // (8 * max(d, 1)) // 64 * 64)
+    for i in range(0, n, step):
+        B = U[i:i + step].double()
+        ok = torch.isfinite(B).all(1)
+        if not bool(ok.all()):
+            B[~ok] = 0.0
+        finite[i:i + step], norms[i:i + step], dots[i:i + step] = ok, B.norm(dim=1), B @ g64
+    return norms, dots / (norms * g64.norm()).clamp_min(1e-12), finite
 
 
 # ---------------------------------------------------------------- binary, imbalanced tasks (fraud)

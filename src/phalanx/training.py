@@ -191,7 +191,7 @@ def vectorized_updates(model: nn.Module, global_params: torch.Tensor,
     agree with the sequential reference up to floating-point rounding.
     Returns (U [k, d], mean training loss per client).
     """
-    U, losses, _ = vectorized_momentum_updates(model, global_params, data, spec, gens, poisons, None)
+    U, losses, _ = _vectorized_sgd(model, global_params, data, spec, gens, poisons, None, keep_buffers=False)
     return U, losses
 
 
@@ -205,6 +205,12 @@ def vectorized_momentum_updates(model: nn.Module, global_params: torch.Tensor,
     as ``buffer``; it is not modified. Returns (U [k, d], mean training loss per client,
     buffers after training [k, d]); with ``momentum == 0`` the buffers come back unchanged.
     """
+    return _vectorized_sgd(model, global_params, data, spec, gens, poisons, buffers, keep_buffers=True)
+
+
+def _vectorized_sgd(model, global_params, data, spec, gens, poisons, buffers, keep_buffers: bool):
+    """The engine; without ``keep_buffers`` the third result is None and, with ``momentum == 0``,
+    no [k, d] momentum state is allocated."""
     from torch.func import functional_call, grad_and_value, vmap
 
     k, B = len(data), spec.batch_size
@@ -221,20 +227,24 @@ def vectorized_momentum_updates(model: nn.Module, global_params: torch.Tensor,
     theta = global_params.detach().expand(k, -1).clone()
     if buffers is not None:
         _check_buffer("vectorized_momentum_updates", buffers, tuple(theta.shape))
-    start = torch.zeros_like(theta) if buffers is None else buffers.detach().to(theta.dtype).clone()
-    buf = start.clone()
+    start = None if buffers is None else buffers.detach().to(theta.dtype).clone()
+    buf = (torch.zeros_like(theta) if start is None else start.clone()) if spec.momentum else None
     counts = [len(p) for p in data.parts] if isinstance(data, Shards) else [len(y) for _, y in data]
     per_epoch = [-(-n // B) for n in counts]
     budget = [min(spec.epochs * s, spec.max_steps or 10**12) for s in per_epoch]
     done = [0] * k
     losses = torch.zeros(k, dtype=torch.float64)
-    # every client's samples as rows of one tensor; a step gathers all live clients' batches at once
+    # every client's samples as rows of one tensor (client c's: rows flat[offsets[c]:][:counts[c]] of X);
+    # a step gathers all live clients' batches at once
     if isinstance(data, Shards):
-        X, Y, rows_of = data.x, data.y, [torch.as_tensor(p, dtype=torch.long) for p in data.parts]
+        X, Y = data.x, data.y
+        flat = torch.cat([p if isinstance(p, torch.Tensor) and p.dtype == torch.long
+                          else torch.as_tensor(p, dtype=torch.long) for p in data.parts])
     else:
         X, Y = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
-        offsets = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
-        rows_of = [torch.arange(o, o + n) for o, n in zip(offsets, counts)]
+        flat = torch.arange(len(Y))
+    sizes_t = torch.tensor(counts, dtype=torch.long)
+    offsets = sizes_t.cumsum(0) - sizes_t
     width = max(per_epoch) * B
     model.train()
     for _ in range(spec.epochs):
@@ -242,10 +252,15 @@ def vectorized_momentum_updates(model: nn.Module, global_params: torch.Tensor,
                   for c, (n, g) in enumerate(zip(counts, gens))]
         index = torch.zeros(k, width, dtype=torch.long)  # row c: client c's shuffled samples, padded
         valid = torch.zeros(k, width)
-        for c, order in enumerate(orders):
-            if order is not None:
-                index[c, :len(order)] = rows_of[c][order]
-                valid[c, :len(order)] = 1.0
+        going = [c for c in range(k) if orders[c] is not None]
+        if going:  # index[c, j] = flat[offsets[c] + orders[c][j]] for every client at once
+            who = torch.tensor(going, dtype=torch.long)
+            lens = sizes_t[who]
+            owner = torch.repeat_interleave(who, lens)
+            first = torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+            slot = torch.arange(len(owner)) - first
+            index[owner, slot] = flat[torch.cat([orders[c] for c in going]) + offsets[owner]]
+            valid[owner, slot] = 1.0
         for s in range(max(per_epoch)):
             live = [c for c in range(k) if orders[c] is not None and s < per_epoch[c] and done[c] < budget[c]]
             if not live:
@@ -280,5 +295,9 @@ def vectorized_momentum_updates(model: nn.Module, global_params: torch.Tensor,
             losses[live] += vals.double()
             for c in live:
                 done[c] += 1
-    U = theta - global_params
-    return U, [float(losses[c]) / max(done[c], 1) for c in range(k)], buf if spec.momentum else start
+    U = theta.sub_(global_params)  # in place: no second [k, d] matrix
+    per_client = losses.tolist()
+    mean_losses = [per_client[c] / max(done[c], 1) for c in range(k)]
+    if not keep_buffers:
+        return U, mean_losses, None
+    return U, mean_losses, buf if spec.momentum else (torch.zeros_like(U) if start is None else start)
