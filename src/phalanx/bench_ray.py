@@ -100,8 +100,9 @@ def _connect(ray, address: str | None) -> bool:
     try:
         ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise PhalanxError(f"--ray {address or ''}: cannot connect to a Ray cluster: {e}".replace("  ", " ")) from None
+    except Exception as e:  # no cluster at that address, a local one that failed to start
+        where = f"the Ray cluster at {address}" if address else "Ray (no address: RAY_ADDRESS, this machine's, or a new one)"
+        raise PhalanxError(f"--ray: cannot start or reach {where}: {type(e).__name__}: {e}") from None
     return True
 
 
