@@ -411,6 +411,30 @@ def _elsewhere(out: GridOutcome, cell: Cell, progress) -> None:
         progress.cell_done(cell, {"status": "elsewhere"})
 
 
+def feed_cells(waiting: list, pending: dict, slots: int, submit: Callable, claims: Claims, held: list[str],
+               out: GridOutcome, progress) -> None:
+    """Claim the next cells of ``waiting`` and ``submit`` them (handle -> ("cell", cell) in
+    ``pending``) while fewer than ``slots`` cells are in flight; a cell claimed elsewhere is left."""
+    while waiting and sum(kind == "cell" for kind, _ in pending.values()) < slots:
+        c, again = waiting.pop(0)
+        if claims.take(c.key, again):
+            held.append(c.key)
+            pending[submit(c)] = ("cell", c)
+        else:
+            _elsewhere(out, c, progress)
+
+
+def finish(out: GridOutcome, store: Store, kind: str, item: Any, res: dict, progress, claims: Claims,
+           held: list[str]) -> None:
+    """Count a finished cell (and release its claim) or store a finished probe."""
+    if kind == "cell":
+        _collect(out, store, item, res, progress)
+        held.remove(item.key)
+        claims.release([item.key])
+    else:
+        _probe_done(out, store, *item, res, progress)
+
+
 def _run_parallel(out, store, todo, probes, pdict, db, workers, progress, claims, held) -> None:
     """Cells are claimed one at a time as a worker frees up, so parallel grids split the work."""
     import multiprocessing as mp
@@ -424,13 +448,8 @@ def _run_parallel(out, store, todo, probes, pdict, db, workers, progress, claims
         waiting = list(todo)
 
         def feed() -> None:
-            while waiting and sum(kind == "cell" for kind, _ in futures.values()) < workers:
-                c, again = waiting.pop(0)
-                if claims.take(c.key, again):
-                    held.append(c.key)
-                    futures[pool.submit(run_cell, c.key, c.config, db)] = ("cell", c)
-                else:
-                    _elsewhere(out, c, progress)
+            feed_cells(waiting, futures, workers, lambda c: pool.submit(run_cell, c.key, c.config, db), claims, held,
+                       out, progress)
 
         feed()
         while futures:
@@ -442,12 +461,7 @@ def _run_parallel(out, store, todo, probes, pdict, db, workers, progress, claims
                     res = f.result()
                 except Exception as e:  # a worker died (out of memory, killed)
                     res = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}", "probe": ""}
-                if kind == "cell":
-                    _collect(out, store, item, res, progress)
-                    held.remove(item.key)
-                    claims.release([item.key])
-                else:
-                    _probe_done(out, store, *item, res, progress)
+                finish(out, store, kind, item, res, progress, claims, held)
             feed()
         _drain(queue, progress)
     finally:

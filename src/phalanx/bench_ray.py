@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .bench import Cell, GridOutcome, _collect, _elsewhere, _init_worker, _probe_done, run_cell
+from .bench import Cell, Claims, GridOutcome, _init_worker, feed_cells, finish, run_cell
 from .bench_privacy import run_probe
 from .errors import PhalanxError
 from .store import Store
@@ -107,7 +107,7 @@ def _connect(ray, address: str | None) -> bool:
 
 
 def run_on_ray(out: GridOutcome, store: Store, todo: list[tuple[Cell, bool]], probes: list, pdict: dict,
-               address: str | None, slots: int | None, progress: Any, claims: Any, held: list[str]) -> None:
+               address: str | None, slots: int | None, progress: Any, claims: Claims, held: list[str]) -> None:
     """Run ``todo`` (cells, each with its redo flag) and ``probes`` as Ray tasks; see the module doc."""
     ray = import_ray()
     started = _connect(ray, address)
@@ -121,13 +121,8 @@ def run_on_ray(out: GridOutcome, store: Store, todo: list[tuple[Cell, bool]], pr
         waiting = list(todo)
 
         def feed() -> None:
-            while waiting and sum(kind == "cell" for kind, _ in pending.values()) < slots:
-                c, again = waiting.pop(0)
-                if claims.take(c.key, again):
-                    held.append(c.key)
-                    pending[cell_task.remote(c.key, c.config)] = ("cell", c)
-                else:
-                    _elsewhere(out, c, progress)
+            feed_cells(waiting, pending, slots, lambda c: cell_task.remote(c.key, c.config), claims, held, out,
+                       progress)
 
         feed()
         while pending:
@@ -138,14 +133,9 @@ def run_on_ray(out: GridOutcome, store: Store, todo: list[tuple[Cell, bool]], pr
                     res = ray.get(ref)
                 except Exception as e:  # the task's worker or node died
                     res = {"status": "failed", "error": f"Ray task died: {type(e).__name__}: {e}", "probe": ""}
-                if kind == "cell":
-                    if "rows" in res:
-                        load_rows(store, res.pop("rows"))
-                    _collect(out, store, item, res, progress)
-                    held.remove(item.key)
-                    claims.release([item.key])
-                else:
-                    _probe_done(out, store, *item, res, progress)
+                if kind == "cell" and "rows" in res:
+                    load_rows(store, res.pop("rows"))
+                finish(out, store, kind, item, res, progress, claims, held)
             feed()
     except BaseException:  # Ctrl-C, SIGTERM, or an error in the driver: no task outlives the grid
         cancel(ray, list(pending))
