@@ -36,10 +36,13 @@ def client_stats(U: torch.Tensor, g: torch.Tensor,
     step = max(64, block_bytes // (8 * max(d, 1)) // 64 * 64)
     for i in range(0, n, step):
         B = U[i:i + step].double()
-        ok = torch.isfinite(B).all(1)
+        nb = B.norm(dim=1)
+        # squares of float32 values cannot overflow float64: the norm is finite iff the row is
+        ok = torch.isfinite(nb) if U.element_size() <= 4 else torch.isfinite(B).all(1)
         if not bool(ok.all()):
             B[~ok] = 0.0
-        finite[i:i + step], norms[i:i + step], dots[i:i + step] = ok, B.norm(dim=1), B @ g64
+            nb = B.norm(dim=1)
+        finite[i:i + step], norms[i:i + step], dots[i:i + step] = ok, nb, B @ g64
     return norms, dots / (norms * g64.norm()).clamp_min(1e-12), finite
 
 

@@ -246,6 +246,7 @@ def _vectorized_sgd(model, global_params, data, spec, gens, poisons, buffers, ke
     sizes_t = torch.tensor(counts, dtype=torch.long)
     offsets = sizes_t.cumsum(0) - sizes_t
     width = max(per_epoch) * B
+    short = max(counts) < B
     model.train()
     for _ in range(spec.epochs):
         orders = [torch.randperm(n, generator=g) if done[c] < budget[c] else None
@@ -269,7 +270,10 @@ def _vectorized_sgd(model, global_params, data, spec, gens, poisons, buffers, ke
             # padded slots point at sample 0 with weight 0
             m = len(live)
             rows = None if m == k else torch.tensor(live)
-            cols = slice(s * B, (s + 1) * B)
+            # when every client holds fewer samples than a batch (cross-device), the step's batch is
+            # only as wide as the largest client, not B (unless a poison may return more rows)
+            cut = short and not any(poisons[c] is not None for c in live)
+            cols = slice(s * B, s * B + (max(counts) if cut else B))
             idx = index[:, cols] if rows is None else index[rows, cols]
             xb, yb = X[idx], Y[idx]
             mb = (valid[:, cols] if rows is None else valid[rows, cols]).clone()
