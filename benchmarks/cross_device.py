@@ -19,11 +19,11 @@ and says so; a watchdog ends a run whose resident set passes the budget.
 Timing: round 0 is a warm-up; ``rounds/s`` is over the rounds after it, wall clock and per
 CPU-second of the process (``process_time``: on a busy machine the wall clock mostly measures
 the other processes; with one thread, CPU time approximates the wall time of an idle machine).
-The phase columns split the timed rounds' wall time: local training (``train``), the defense
-pipeline (``defense``), the store's writes (``store``), Python's garbage collector (``gc``), the
-test-set evaluation (``eval``, at the last round only, averaged over the timed rounds) and the
-rest (sampling, per-client statistics and rows). The machine's load average is printed before
-and after each row.
+The phase columns split the timed rounds' CPU time: local training (``train``), the defense
+pipeline (``defense``), the store's writes (``store``), the test-set evaluation (``eval``, at the
+last round only, averaged over the timed rounds) and the rest (sampling, per-client statistics
+and rows); ``gc`` is the part of them Python's garbage collector took, in whichever phase it ran.
+The machine's load average is printed before and after each row.
 
 The last line is the headline: 10,000 logistic-regression clients per round with the trimmed mean,
 rounds per second against the target of 1.
@@ -101,20 +101,23 @@ def watchdog(budget_gb: float) -> None:
 
 
 class Clock:
-    """Wall and CPU seconds spent inside wrapped calls, by phase."""
+    """CPU seconds of the process spent inside wrapped calls, by phase."""
 
     def __init__(self):
-        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self.on = False
+
+    def add(self, phase: str, since: float) -> None:
+        if self.on:
+            self.cpu[phase] = self.cpu.get(phase, 0.0) + time.process_time() - since
 
     def wrap(self, phase: str, fn):
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                if self.on:
-                    self.wall[phase] = self.wall.get(phase, 0.0) + time.perf_counter() - t0
+                self.add(phase, t0)
         return timed
 
     def gc_callback(self):
@@ -122,9 +125,9 @@ class Clock:
 
         def cb(phase, info):
             if phase == "start":
-                start[0] = time.perf_counter()
-            elif self.on:
-                self.wall["gc"] = self.wall.get("gc", 0.0) + time.perf_counter() - start[0]
+                start[0] = time.process_time()
+            else:
+                self.add("gc", start[0])
         return cb
 
 
@@ -180,7 +183,7 @@ def run_one(clients: int, model: str, defense: str, args, dataset=None) -> dict:
     return {"clients": clients, "model": model, "defense": defense, "d": int(fed.params.numel()),
             "build_s": build, "rounds_timed": timed, "wall_s": wall, "cpu_s": cpu,
             "rounds_per_s": timed / wall, "rounds_per_cpu_s": timed / cpu,
-            "phases": {k: v / timed for k, v in clock.wall.items()}, "accuracy": final.get("accuracy"),
+            "phases": {k: v / timed for k, v in clock.cpu.items()}, "accuracy": final.get("accuracy"),
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": args.threads}
 
 
@@ -213,16 +216,16 @@ def fit(clients: int, model: str, defense: str, margin_gb: float) -> tuple[int, 
 
 def row_text(r: dict) -> str:
     ph = r["phases"]
-    rest = r["wall_s"] / r["rounds_timed"] - sum(ph.get(p, 0.0) for p in ("train", "defense", "store", "eval"))
+    rest = r["cpu_s"] / r["rounds_timed"] - sum(ph.get(p, 0.0) for p in ("train", "defense", "store", "eval"))
     acc = "nan" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
     return (f"{r['clients']:>8,} {r['model']:<7}{r['defense']:<13}{r['d']:>8,}{r['rounds_per_s']:>9.3f}"
-            f"{r['rounds_per_cpu_s']:>9.3f}{r['wall_s'] / r['rounds_timed']:>8.2f}"
+            f"{r['rounds_per_cpu_s']:>9.3f}{r['cpu_s'] / r['rounds_timed']:>8.2f}"
             f"{ph.get('train', 0):>7.2f}{ph.get('defense', 0):>8.2f}{ph.get('store', 0):>7.2f}"
-            f"{ph.get('gc', 0):>6.2f}{ph.get('eval', 0):>6.2f}{rest - ph.get('gc', 0):>6.2f}{r['peak_mb']:>9,.0f}{acc:>8}")
+            f"{ph.get('eval', 0):>6.2f}{rest:>6.2f}{ph.get('gc', 0):>6.2f}{r['peak_mb']:>9,.0f}{acc:>8}")
 
 
-HEADER = (f"{'clients':>8} {'model':<7}{'defense':<13}{'d':>8}{'rounds/s':>9}{'r/cpu-s':>9}{'s/round':>8}"
-          f"{'train':>7}{'defense':>8}{'store':>7}{'gc':>6}{'eval':>6}{'rest':>6}{'peak MB':>9}{'acc':>8}")
+HEADER = (f"{'clients':>8} {'model':<7}{'defense':<13}{'d':>8}{'rounds/s':>9}{'r/cpu-s':>9}{'cpu-s/r':>8}"
+          f"{'train':>7}{'defense':>8}{'store':>7}{'eval':>6}{'rest':>6}{'gc':>6}{'peak MB':>9}{'acc':>8}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cross-device: Fashion-MNIST (60,000 training images, IID), every client every round, 1 local step "
           f"(batch 32, lr {a.lr}, momentum 0), {a.rounds} rounds (round 0 a warm-up), {a.threads} thread(s), "
           f"seed {a.seed}; {os.cpu_count()} cores, load average {load()}")
-    print("rounds/s: wall clock; r/cpu-s: rounds per CPU-second of the process; phases: wall seconds per round; "
+    print("rounds/s: wall clock; r/cpu-s: rounds per CPU-second of the process; cpu-s/r and the phases: CPU seconds "
+          "per round; "
           "peak MB: ru_maxrss" + (" of the one process so far" if a.in_process else " of the combination's process"))
     print(HEADER, flush=True)
     dataset = None

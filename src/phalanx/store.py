@@ -48,8 +48,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+_PLAIN = {str, int, bool, type(None)}
+_CLIENT_COLUMNS = {"client_id", "malicious", "norm", "weight", "cosine", "flags"}
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe copy: NaN/Inf become None, tensors become lists."""
+    kind = type(value)
+    if kind is float:  # the common cases first: a store writes a row per client per round
+        return value if math.isfinite(value) else None
+    if kind in _PLAIN:
+        return value
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, float):
@@ -124,10 +133,10 @@ class Store:
         vals = []
         for r in rows:
             r = _clean(r)
-            extra = {k: v for k, v in r.items()
-                     if k not in ("client_id", "malicious", "norm", "weight", "cosine", "flags")}
+            extra = {k: v for k, v in r.items() if k not in _CLIENT_COLUMNS}  # cleaned already
             vals.append((run_id, rnd, str(r["client_id"]), int(bool(r.get("malicious"))), r.get("norm"),
-                         r.get("weight"), r.get("cosine"), ",".join(r.get("flags") or []), dumps(extra)))
+                         r.get("weight"), r.get("cosine"), ",".join(r.get("flags") or []),
+                         json.dumps(extra, sort_keys=True)))
         self.db.execute("BEGIN")
         self.db.executemany("INSERT OR REPLACE INTO clients VALUES (?,?,?,?,?,?,?,?,?)", vals)
         self.db.execute("COMMIT")

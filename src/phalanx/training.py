@@ -229,7 +229,8 @@ def _vectorized_sgd(model, global_params, data, spec, gens, poisons, buffers, ke
         _check_buffer("vectorized_momentum_updates", buffers, tuple(theta.shape))
     start = None if buffers is None else buffers.detach().to(theta.dtype).clone()
     buf = (torch.zeros_like(theta) if start is None else start.clone()) if spec.momentum else None
-    counts = [len(p) for p in data.parts] if isinstance(data, Shards) else [len(y) for _, y in data]
+    counts = ([p.shape[0] if hasattr(p, "shape") else len(p) for p in data.parts] if isinstance(data, Shards)
+              else [len(y) for _, y in data])  # shape[0]: a tensor's len() is a Python call
     per_epoch = [-(-n // B) for n in counts]
     budget = [min(spec.epochs * s, spec.max_steps or 10**12) for s in per_epoch]
     done = [0] * k
