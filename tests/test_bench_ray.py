@@ -69,6 +69,15 @@ def test_without_ray_the_grid_says_how_to_install_it(tmp_path, monkeypatch):
     assert out.returncode == 0, out.stderr
 
 
+def test_an_address_where_nothing_listens_fails_at_once(tmp_path):
+    """Ray itself would retry for minutes (and ignore Ctrl-C meanwhile)."""
+    pytest.importorskip("ray")
+    port = _free_ports(1)[0]
+    with pytest.raises(PhalanxError, match=f"--ray 127.0.0.1:{port}: nothing answers there"):
+        run_grid(parse_grid(GRID), tmp_path / "g.db", ray=f"127.0.0.1:{port}")
+    assert Store(tmp_path / "g.db").db.execute("SELECT COUNT(*) FROM bench_claims").fetchone()[0] == 0
+
+
 # ---------------------------------------------------------------- on a Ray head
 
 

@@ -21,6 +21,7 @@ Ray is optional: this module imports it only when a grid runs with ``--ray``.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 from .bench import Cell, Claims, GridOutcome, _init_worker, feed_cells, finish, run_cell
@@ -97,13 +98,31 @@ def _connect(ray, address: str | None) -> bool:
     whether this call started Ray (and so must shut it down)."""
     if ray.is_initialized():  # a notebook or a test that set Ray up itself
         return False
+    _check_reachable(address)
     try:
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        with warnings.catch_warnings():  # Ray's tip about GPU env vars: phalanx trains on CPUs
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
     except Exception as e:  # no cluster at that address, a local one that failed to start
         where = f"the Ray cluster at {address}" if address else "Ray (no address: RAY_ADDRESS, this machine's, or a new one)"
         raise PhalanxError(f"--ray: cannot start or reach {where}: {type(e).__name__}: {e}") from None
     return True
+
+
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """Fail at once when nothing listens at an explicit ``host:port`` (or ``ray://host:port``):
+    Ray itself retries for minutes, deaf to Ctrl-C."""
+    import socket
+
+    host, sep, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # '', 'auto', 'local': Ray finds the cluster itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise PhalanxError(f"--ray {address}: nothing answers there ({e}); give the head's address "
+                           "(HOST:6379 from a node of the cluster, ray://HOST:10001 from outside)") from None
 
 
 def run_on_ray(out: GridOutcome, store: Store, todo: list[tuple[Cell, bool]], probes: list, pdict: dict,
