@@ -34,8 +34,10 @@ def client_stats(U: torch.Tensor, g: torch.Tensor,
     norms, dots = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
     finite = torch.empty(n, dtype=torch.bool)
     step = max(64, block_bytes // (8 * max(d, 1)) // 64 * 64)
+    buf = torch.empty(min(step, n), d, dtype=torch.float64)  # one buffer: fresh blocks cost page faults
     for i in range(0, n, step):
-        B = U[i:i + step].double()
+        B = buf[:min(step, n - i)]
+        B.copy_(U[i:i + step])
         nb = B.norm(dim=1)
         # squares of float32 values cannot overflow float64: the norm is finite iff the row is
         ok = torch.isfinite(nb) if U.element_size() <= 4 else torch.isfinite(B).all(1)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PhalanxError
-from .updates import flatten_params, load_flat
+from .updates import flatten_params, load_flat, new_matrix
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,10 @@ def _vectorized_sgd(model, global_params, data, spec, gens, poisons, buffers, ke
         return (ce * mb).sum() / mb.sum().clamp_min(1.0)
 
     step_fn = vmap(grad_and_value(loss_fn))
-    theta = global_params.detach().expand(k, -1).clone()
+    # theta becomes U: a recycled buffer (updates.new_matrix) saves the page faults of a fresh [k, d]
+    rows0 = global_params.detach().expand(k, -1)
+    theta = (new_matrix(k, rows0.shape[1], rows0.dtype).copy_(rows0) if rows0.device.type == "cpu"
+             else rows0.clone())
     if buffers is not None:
         _check_buffer("vectorized_momentum_updates", buffers, tuple(theta.shape))
     start = None if buffers is None else buffers.detach().to(theta.dtype).clone()
