@@ -1,8 +1,8 @@
 """Grids on Ray (issue 14, item 6): a cell's rows travel back to the driver's store, a 4-cell grid run
 through ``phalanx bench --ray`` on a local 2-CPU Ray head matches a local run, and Ray stays optional."""
 
-import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,21 +103,24 @@ def ray_head():
     ``ray start``, whose descendants are its processes); stopped after. On a loaded machine the
     raylet may give up waiting for its agents (15 s, fixed): a second try follows."""
     pytest.importorskip("ray")
-    for attempt in (1, 2):
-        head, address, log = _start_head()
-        if address is not None:
-            break
-        _stop(head)
-    else:
-        pytest.fail(f"the Ray head did not start twice; its last output:\n{log[-3000:]}")
-    try:
-        yield address, head.pid
-    finally:
-        _stop(head)
-
-
-def _start_head() -> tuple[subprocess.Popen, str | None, str]:
     temp = tempfile.mkdtemp(prefix="phr", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        for attempt in (1, 2):
+            head, address, log = _start_head(temp)
+            if address is not None:
+                break
+            _stop(head)
+        else:
+            pytest.fail(f"the Ray head did not start twice; its last output:\n{log[-3000:]}")
+        try:
+            yield address, head.pid
+        finally:
+            _stop(head)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _start_head(temp: str) -> tuple[subprocess.Popen, str | None, str]:
     gcs, grpc, listen, env_agent, metrics, client = _free_ports(6)
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
