@@ -9,9 +9,10 @@ tolerance added:
 * under the worst attack, plain mean loses >= 20% of the clean federation's AUPRC;
 * the layered default stays within 10% of it, with feature-trigger ASR <= 10%.
 
-Three of the four are missed at seed 0 and marked xfail with the measured figure and the reason:
-the bound is kept, and a target that starts to hold shows as XPASS. The smoke takes about 2.5
-minutes on a loaded 2-core machine.
+Three of the four are missed at seed 0 with the layered default of configs/layered.yaml (validate,
+clip auto, trimmed_mean, reputation) and marked xfail with the figure measured at commit 2689729
+(docs/results/fraud.md) and the reason: the bound is kept, and a target that starts to hold shows
+as XPASS. The smoke takes about 2.5 minutes on a lightly loaded 2-core machine.
 """
 
 import json
@@ -57,29 +58,33 @@ def test_federation_beats_every_small_banks_local_model(smoke):
     assert all(g is not None and g > 0 for g in gaps.values()), gaps
 
 
-@pytest.mark.xfail(strict=False, reason="measured at seed 0: plain mean loses 11.9% (gaussian), not 20%: the "
-                   "compromised bank (bank2) holds 6% of the training rows, and FedAvg weighs each bank by its "
-                   "rows; with bank7 (15%) compromised (seed 4) gaussian noise takes mean from 55.5% to 5.0% AUPRC")
+@pytest.mark.xfail(strict=False, reason="measured at seed 0: plain mean loses 12.0% of the clean AUPRC under "
+                   "gaussian (47.8% vs 54.4%), not 20%: the compromised bank (bank2) holds 6% of the training rows "
+                   "and FedAvg weighs each bank by its rows; at seed 4 (bank7, 15% of the rows) gaussian noise takes "
+                   "mean from 55.5% to 9.7% AUPRC (-82.5%), the target met there")
 def test_mean_loses_a_fifth_of_its_auprc_under_the_worst_attack(smoke):
     _, fig, _ = smoke
     attack, value, drop = fig["mean_worst"]
     assert drop >= 0.20, (attack, value, drop)
 
 
-@pytest.mark.xfail(strict=False, reason="measured at seed 0: the layered default loses 16.5-17.5% of the clean "
-                   "federation's AUPRC under sign_flip (45.4% or 44.8% vs 54.4%, as the defenses changed); without any "
-                   "attack it already holds only 46%: on these non-IID banks its trimmed mean, clipping and filters discount the large banks "
-                   "that hold most of the frauds")
+@pytest.mark.xfail(strict=False, reason="measured at seed 0: the layered default loses 10.3% of the clean "
+                   "federation's AUPRC under minmax (48.8% vs 54.4%); without any attack it already holds only 49.3% "
+                   "(-9.4%): its trimmed mean is unweighted, one vote per bank whatever its rows (validate, clip, "
+                   "FedAvg's weighted mean: 56.4% clean, 55.0% under minmax), and clip auto shrinks the large banks' "
+                   "updates to the median norm (-1.7 points); at seed 4 the feature trigger costs it 21.5%")
 def test_layered_stays_within_a_tenth_of_the_clean_auprc(smoke):
     _, fig, _ = smoke
     attack, value, drop = fig["layered_worst"]
     assert drop <= 0.10, (attack, value, drop)
 
 
-@pytest.mark.xfail(strict=False, reason="measured at seed 0: feature-trigger ASR 46.9% through the layered "
-                   "default (19.5% through plain mean): nnm mixes the backdoored bank's update into every row, as "
-                   "configs/layered.yaml documents for the pixel trigger; the trigger's features alone give the "
-                   "clean model 12.4%")
+@pytest.mark.xfail(strict=False, reason="measured at seed 0: feature-trigger ASR 47.6% through the layered "
+                   "default (20.1% through plain mean; the trigger's features alone give the clean model 12.2%, "
+                   "already above the bound): the unweighted trimmed mean gives the backdoored bank (6% of the rows) "
+                   "1/8 of the vote and does not cut its row, which is not extreme coordinate by coordinate (41.8% "
+                   "without clip); clip auto halves the large honest banks' updates but leaves the attacker's, below "
+                   "the median norm, whole; reputation never quarantines it")
 def test_layered_keeps_the_feature_trigger_out(smoke):
     _, fig, _ = smoke
     assert fig["layered_asr"] is not None and fig["layered_asr"] <= 0.10, fig["layered_asr"]

@@ -53,3 +53,25 @@ def test_clients_smaller_than_a_batch_agree_with_the_sequential_reference(model)
                                    [None] * 4)
     assert torch.allclose(U, torch.stack([r[0] for r in ref]), atol=1e-6, rtol=1e-5)
     assert losses == pytest.approx([r[1] for r in ref], rel=1e-5)
+
+
+def test_gradients_in_chunks_of_clients_change_nothing(monkeypatch):
+    import phalanx.training as training
+
+    g = torch.Generator().manual_seed(1)
+    m = build_model("mlp", (1, 8, 8), 10, seed=0)
+    params = flatten_params(m)
+    spec = LocalSpec(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    sizes = [5, 23, 40, 17, 9]  # unequal: later steps train a subset of the clients
+    data = [(torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes]
+    start = torch.randn(len(sizes), len(params), generator=g)
+
+    def run():
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(len(sizes))]
+        return training.vectorized_momentum_updates(m, params, data, spec, gens, [None] * len(sizes), start)
+
+    whole = run()
+    monkeypatch.setattr(training, "STEP_BYTES", 2 * len(params) * 4)  # two clients per call
+    chunked = run()
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[2], chunked[2])
+    assert whole[1] == chunked[1]

@@ -45,6 +45,8 @@ class LocalSpec:
 
 Poison = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
+STEP_BYTES = 512 << 20  # the vectorized engine's gradients per call: clients are split to fit
+
 
 @dataclass(frozen=True)
 class Shards:
@@ -251,6 +253,7 @@ def _vectorized_sgd(model, global_params, data, spec, gens, poisons, buffers, ke
     offsets = sizes_t.cumsum(0) - sizes_t
     width = max(per_epoch) * B
     short = max(counts) < B
+    chunk = max(1, STEP_BYTES // (theta.shape[1] * theta.element_size()))
     model.train()
     for _ in range(spec.epochs):
         orders = [torch.randperm(n, generator=g) if done[c] < budget[c] else None
@@ -288,19 +291,25 @@ def _vectorized_sgd(model, global_params, data, spec, gens, poisons, buffers, ke
                     xb[j, :len(y)], yb[j, :len(y)] = x, y
                     mb[j] = 0.0
                     mb[j, :len(y)] = 1.0
-            th = theta if rows is None else theta[rows]
-            grads, vals = step_fn(th, xb, yb, mb)
-            if spec.weight_decay:
-                grads = grads.add_(th, alpha=spec.weight_decay)
-            if rows is None:  # every client steps: update in place
-                step = buf.mul_(spec.momentum).add_(grads) if spec.momentum else grads
-                theta.sub_(step, alpha=spec.lr)
-            else:
-                step = buf[rows].mul_(spec.momentum).add_(grads) if spec.momentum else grads
-                if spec.momentum:
-                    buf[rows] = step
-                theta[rows] = th.sub_(step, alpha=spec.lr)
-            losses[live] += vals.double()
+            # the gradients of at most `chunk` clients at a time: the transients of the backward pass
+            # (about two [chunk, d] matrices) stay small however many clients train
+            for a in range(0, m, chunk):
+                b = min(a + chunk, m)
+                sel = (slice(a, b) if m > chunk else slice(None)) if rows is None else rows[a:b]
+                th = theta[sel]  # rows is None: a view, updated in place; else a copy, written back
+                grads, vals = step_fn(th, xb[a:b], yb[a:b], mb[a:b])
+                if spec.weight_decay:
+                    grads = grads.add_(th, alpha=spec.weight_decay)
+                if rows is None:
+                    step = buf[sel].mul_(spec.momentum).add_(grads) if spec.momentum else grads
+                    th.sub_(step, alpha=spec.lr)
+                else:
+                    step = buf[sel].mul_(spec.momentum).add_(grads) if spec.momentum else grads
+                    if spec.momentum:
+                        buf[sel] = step
+                    theta[sel] = th.sub_(step, alpha=spec.lr)
+                losses[live[a:b]] += vals.double()
+                del grads, step
             for c in live:
                 done[c] += 1
     U = theta.sub_(global_params)  # in place: no second [k, d] matrix
