@@ -199,6 +199,48 @@ def _wait_for_nodes(grid: Grid, expected: int, wait: float) -> int:
         time.sleep(1.0)
 
 
+class PromptGrid(Grid):
+    """``grid`` with replies collected every ``poll`` seconds: Flower's own ``send_and_receive``
+    asks the SuperLink every 3 s, up to 3 s of idle wait per round on a loopback deployment."""
+
+    def __init__(self, grid: Grid, poll: float = 0.25):
+        self.grid, self.poll = grid, poll
+
+    def set_run(self, run):
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs):
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages):
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        waiting = set(self.push_messages(messages))
+        end = time.monotonic() + (timeout if timeout is not None else 0.0)
+        replies = []
+        while waiting and (timeout is None or time.monotonic() < end):
+            got = list(self.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting:
+                time.sleep(self.poll)
+        return replies
+
+
 def run_server(grid: Grid, context: Context, app_dir: Path) -> dict[str, Any]:
     """The ServerApp's main; returns (and writes to ``summary``) the run's summary."""
     from ..store import Store
@@ -258,7 +300,7 @@ def run_server(grid: Grid, context: Context, app_dir: Path) -> dict[str, Any]:
 
     status = "done"
     try:
-        result = strategy.start(grid=grid, initial_arrays=init, num_rounds=strategy.rounds_left(fed.rounds),
+        result = strategy.start(grid=PromptGrid(grid), initial_arrays=init, num_rounds=strategy.rounds_left(fed.rounds),
                                 timeout=float(_rc(context, "round-timeout")), train_config=ConfigRecord(),
                                 evaluate_fn=evaluate_each)
         final = result.arrays if len(list(result.arrays.keys())) else init
