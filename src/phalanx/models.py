@@ -1,5 +1,5 @@
-"""Models: logistic regression, an MLP, a small CNN, LeNet (the gradient-inversion target), and
-models for feature vectors (``tabular_mlp``, ``tabular_logreg``) with an imbalance-aware loss.
+"""Models: logistic regression, an MLP, a small CNN, ByzFL's ``cnn_mnist``, LeNet (the
+gradient-inversion target), and models for feature vectors (``tabular_mlp``, ``tabular_logreg``) with an imbalance-aware loss.
 
 Every factory takes the input shape ((C, H, W) for images, (F,) for tabular data) and the number
 of classes. ``logreg`` and ``mlp`` flatten their input, so they also take feature vectors [N, F].
@@ -40,6 +40,18 @@ def cnn(in_shape=(1, 28, 28), num_classes: int = 10, width: int = 8) -> nn.Modul
         nn.Conv2d(c, width, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(width, 2 * width, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+
+@MODELS.register("cnn_mnist")
+def cnn_mnist(in_shape=(1, 28, 28), num_classes: int = 10) -> nn.Module:
+    """ByzFL's cnn_mnist: conv 20 and 50 (5x5, ReLU, 2x2 max-pool), dense 500, ReLU, dense (431,080 params on 28x28)."""
+    c, h, w = in_shape
+    side = lambda n: ((n - 4) // 2 - 4) // 2  # noqa: E731  (two valid 5x5 convs, each then a 2x2 pool)
+    flat = 50 * side(h) * side(w)
+    return nn.Sequential(  # logits: ByzFL ends in log_softmax with NLLLoss, the same loss as cross-entropy
+        nn.Conv2d(c, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(flat, 500), nn.ReLU(), nn.Linear(500, num_classes))
 
 
 class LeNetDLG(nn.Module):
