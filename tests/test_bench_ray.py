@@ -5,16 +5,18 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
 import yaml
 
 from phalanx.bench import expand, parse_grid, run_grid
-from phalanx.bench_ray import capture_cell, load_rows
+from phalanx.bench_ray import CANCEL_GRACE, SHUTDOWN_GRACE, capture_cell, load_rows, shutdown
 from phalanx.errors import PhalanxError
 from phalanx.store import Store
 
@@ -76,6 +78,30 @@ def test_an_address_where_nothing_listens_fails_at_once(tmp_path):
     with pytest.raises(PhalanxError, match=f"--ray 127.0.0.1:{port}: nothing answers there"):
         run_grid(parse_grid(GRID), tmp_path / "g.db", ray=f"127.0.0.1:{port}")
     assert Store(tmp_path / "g.db").db.execute("SELECT COUNT(*) FROM bench_claims").fetchone()[0] == 0
+
+
+def test_ray_shutdown_is_bounded():
+    """ray.shutdown() waits on the head without a deadline: the driver waits SHUTDOWN_GRACE at most,
+    then leaves it running (and says so) instead of holding Ctrl-C for as long as the head hangs."""
+    release = threading.Event()
+
+    class Head:  # a head that answers at once, then one that does not answer
+        calls = 0
+
+        def shutdown(self):
+            self.calls += 1
+            if self.calls > 1:
+                release.wait(60)
+
+    head = Head()
+    assert shutdown(head, grace=5) and head.calls == 1
+    t0 = time.monotonic()
+    try:
+        with pytest.warns(RuntimeWarning, match="Ray did not disconnect within 0.3 s"):
+            assert not shutdown(head, grace=0.3)
+        assert time.monotonic() - t0 < 5 and head.calls == 2
+    finally:
+        release.set()
 
 
 # ---------------------------------------------------------------- on a Ray head
@@ -168,17 +194,15 @@ def test_a_grid_on_a_ray_head_matches_a_local_run_resumes_and_stops_on_ctrl_c(tm
     grid = tmp_path / "g.yaml"
     grid.write_text(yaml.safe_dump(GRID))
     cli = bench_cli(str(grid), "--db", str(tmp_path / "ray.db"), "--ray", address)
+    run_grid(parse_grid(GRID), tmp_path / "local.db", workers=1)  # the reference, while the CLI starts
     out = cli.communicate(timeout=600)[0]
     assert cli.returncode == 0 and "4 cells, 0 already done" in out and "4 run, 0 failed" in out, out
-    run_grid(parse_grid(GRID), tmp_path / "local.db", workers=1)
     on_ray, local = stored(tmp_path / "ray.db"), stored(tmp_path / "local.db")
     assert set(on_ray) == set(local) == {c.key for c in expand(parse_grid(GRID))}
     # the same seeds, code and thread count (one torch thread per task as per local worker) on the
     # same machine: equal to the last bit, every round and client row included
     assert on_ray == local
-    store = Store(tmp_path / "ray.db")
-    assert store.db.execute("SELECT COUNT(*) FROM bench_claims").fetchone()[0] == 0
-    store.close()
+    assert _count(tmp_path / "ray.db", "SELECT COUNT(*) FROM bench_claims") == 0
 
     # again with --redo and two endless cells, then Ctrl-C: the clean cells are skipped, the sign
     # cells run again and come back, the endless ones are cancelled and leave nothing behind
@@ -189,9 +213,11 @@ def test_a_grid_on_a_ray_head_matches_a_local_run_resumes_and_stops_on_ctrl_c(tm
     while not (_count(db, "SELECT COUNT(*) FROM runs WHERE status='done'") == 6
                and _count(db, "SELECT COUNT(*) FROM bench_claims") == 2 and len(_busy(head_pid)) == 2):
         assert cli.poll() is None and time.monotonic() < deadline, cli.communicate()[0]
-        time.sleep(0.5)
+        time.sleep(0.2)
     cli.send_signal(signal.SIGINT)
-    out = cli.communicate(timeout=120)[0]
+    # bounded whatever the head does: CANCEL_GRACE for the tasks, SHUTDOWN_GRACE for ray.shutdown,
+    # and the rest (it takes 2-5 s) for the process's own exit on a loaded machine
+    out = cli.communicate(timeout=CANCEL_GRACE + SHUTDOWN_GRACE + 45)[0]
     assert cli.returncode == 1 and "6 cells, 2 already done" in out and "2 run, 0 failed" in out, out
     assert "interrupted; rerun the same command to resume" in out, out
     again = stored(db)
@@ -202,19 +228,20 @@ def test_a_grid_on_a_ray_head_matches_a_local_run_resumes_and_stops_on_ctrl_c(tm
     deadline = time.monotonic() + 60
     while _busy(head_pid):  # the head's workers leave the endless cells
         assert time.monotonic() < deadline, _busy(head_pid)
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def _count(db, sql: str) -> int:
+    """A read-only look at the driver's store (no schema set-up, no write lock taken)."""
     if not db.exists():
         return 0
-    store = Store(db)
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        return store.db.execute(sql).fetchone()[0]
-    except Exception:  # the driver has not made the tables yet
+        return con.execute(sql).fetchone()[0]
+    except sqlite3.OperationalError:  # the driver has not made the tables yet
         return 0
     finally:
-        store.close()
+        con.close()
 
 
 def _busy(root: int) -> list[int]:

@@ -216,6 +216,7 @@ class GridOutcome:
     probes: int = 0
     interrupted: bool = False
     seconds: float = 0.0
+    ray_left: bool = False  # Ray's shutdown hung on the head and was left running (see bench_ray.shutdown)
 
 
 def record_layout(store: Store, spec: GridSpec, cells: list[Cell]) -> None:

@@ -14,12 +14,19 @@ Resume and ``--redo`` behave as with the local pool: what is done in the store i
 cell whose task never came back (Ctrl-C, a lost node) runs again on the next invocation. Ctrl-C
 (or SIGTERM) cancels every task still pending or running (a running one gets a KeyboardInterrupt,
 then is killed if it has not stopped within ``CANCEL_GRACE`` seconds) and releases the claims.
+Leaving Ray is bounded too: ``ray.shutdown()`` waits on the head (its GCS and raylet) without a
+deadline of its own, so the driver gives it ``SHUTDOWN_GRACE`` seconds and then goes on without it
+(the head ends the driver's job, and kills its workers, when the driver's process exits). Ctrl-C
+thus ends ``phalanx bench --ray`` within about ``CANCEL_GRACE + SHUTDOWN_GRACE`` seconds however
+loaded or stuck the head is.
 
 Ray is optional: this module imports it only when a grid runs with ``--ray``.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import warnings
 from typing import Any
@@ -29,10 +36,11 @@ from .bench_privacy import run_probe
 from .errors import PhalanxError
 from .store import Store
 
-__all__ = ["CANCEL_GRACE", "INSTALL_HINT", "capture_cell", "load_rows", "run_on_ray"]
+__all__ = ["CANCEL_GRACE", "INSTALL_HINT", "SHUTDOWN_GRACE", "capture_cell", "load_rows", "run_on_ray"]
 
 INSTALL_HINT = "pip install 'phalanx[ray]'"
 CANCEL_GRACE = 20.0  # seconds a cancelled task gets to stop before its worker is killed
+SHUTDOWN_GRACE = 5.0  # seconds ray.shutdown() gets before the driver leaves without it (it takes < 1 s)
 TABLES = ("runs", "rounds", "clients", "events")
 
 
@@ -99,6 +107,8 @@ def _connect(ray, address: str | None) -> bool:
     if ray.is_initialized():  # a notebook or a test that set Ray up itself
         return False
     _check_reachable(address)
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         with warnings.catch_warnings():  # Ray's tip about GPU env vars: phalanx trains on CPUs
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
@@ -107,6 +117,9 @@ def _connect(ray, address: str | None) -> bool:
     except Exception as e:  # no cluster at that address, a local one that failed to start
         where = f"the Ray cluster at {address}" if address else "Ray (no address: RAY_ADDRESS, this machine's, or a new one)"
         raise PhalanxError(f"--ray: cannot start or reach {where}: {type(e).__name__}: {e}") from None
+    finally:
+        if main and sigterm is not None:  # ray.init makes SIGTERM a sys.exit; the grid's handler interrupts it
+            signal.signal(signal.SIGTERM, sigterm)
     return True
 
 
@@ -161,12 +174,14 @@ def run_on_ray(out: GridOutcome, store: Store, todo: list[tuple[Cell, bool]], pr
         raise
     finally:
         if started:
-            ray.shutdown()
+            out.ray_left = True  # until ray.shutdown() returns (a second Ctrl-C may cut the wait short)
+            out.ray_left = not shutdown(ray)
 
 
 def cancel(ray, refs: list, grace: float = CANCEL_GRACE) -> None:
     """Cancel ``refs`` (a KeyboardInterrupt in those running), wait up to ``grace`` seconds for them
-    to end, then kill the workers of those still running."""
+    to end, then kill the workers of those still running. Every call here returns at once or within
+    its timeout, whatever state the cluster is in."""
     for ref in refs:
         ray.cancel(ref)
     deadline = time.monotonic() + grace
@@ -175,3 +190,35 @@ def cancel(ray, refs: list, grace: float = CANCEL_GRACE) -> None:
         _, left = ray.wait(left, num_returns=len(left), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
     for ref in left:
         ray.cancel(ref, force=True)
+
+
+def shutdown(ray, grace: float = SHUTDOWN_GRACE) -> bool:
+    """``ray.shutdown()``, waited for at most ``grace`` seconds; return whether it finished.
+
+    It talks to the head (unsubscribes from the GCS, disconnects from the raylet) with no deadline:
+    on a loaded machine, or with a head that hangs, it can block for minutes, and Ctrl-C with it.
+    So it runs in a daemon thread; past the grace the driver goes on without it, and without Ray's
+    exit hook (a second ``ray.shutdown()`` that would wait again). The process should then end
+    with ``os._exit`` (as ``phalanx bench`` does): finalizing the interpreter under the running
+    shutdown can crash. The head notices the process exit, ends the driver's job and kills its
+    workers: no task outlives the driver either way."""
+    import atexit
+
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            ray.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="phalanx-ray-shutdown", daemon=True).start()
+    try:
+        done.wait(grace)
+    finally:  # also when a second Ctrl-C cut the wait short
+        if not done.is_set():
+            atexit.unregister(ray.shutdown)
+            warnings.warn(f"Ray did not disconnect within {grace:g} s (a loaded or unresponsive head); "
+                          "leaving without it: the cluster ends this driver's tasks when it exits",
+                          RuntimeWarning, stacklevel=2)
+    return done.is_set()

@@ -71,6 +71,29 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
                                                      help="import your own module first: a .py file or a dotted "
                                                      "module name (repeatable); grid workers import it too")):
     """Run an attack x defense grid: parallel, stored, resumable (cells already done are skipped)."""
+    ran: list = []  # the grid's outcome, once it ran
+    try:
+        _bench(grid, db, workers, set_, limit, redo, out, ray, plugin, ran)
+    except click.exceptions.Exit as e:  # fail(), its message printed
+        _leave_if_ray_hangs(ran, e.exit_code)
+        raise
+    _leave_if_ray_hangs(ran, 0)
+
+
+def _leave_if_ray_hangs(ran: list, code: int) -> None:
+    """When Ray's shutdown hung on the head and was left running (phalanx.bench_ray.shutdown), end
+    the process now with ``code``: finalizing the interpreter under it can crash, or wait for it."""
+    if not (ran and ran[0].ray_left):
+        return
+    import os
+
+    console.file.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _bench(grid, db, workers, set_, limit, redo, out, ray, plugin, ran: list) -> None:
     import phalanx  # noqa: F401  (registers everything)
     from ..bench import load_grid, run_grid
     from ..plugins import command_line
@@ -81,6 +104,7 @@ def bench(grid: Path = typer.Argument(..., help="grid YAML (attacks x defenses x
         bar = RichProgress(console)
         try:
             outcome = run_grid(spec, db, workers=workers, limit=limit, progress=bar, redo=redo or [], ray=ray)
+            ran.append(outcome)
         finally:
             bar.stop()
         console.print(f"{spec.name}: {outcome.total} cells, {outcome.skipped} already done (or taken by another process), {outcome.ran} run, "
