@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.phalanx-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-PYTEST_WORKERS ?= 2
+PYTEST_WORKERS ?= 3
 
 .PHONY: setup data chromium demo test clean
 
@@ -40,7 +40,7 @@ demo: setup
 	$(BIN)/phalanx bench configs/grid_demo.yaml --db results/demo.db --out results/demo
 
 test: setup chromium
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=30
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=30
 
 clean:
 	rm -rf results .pytest_cache

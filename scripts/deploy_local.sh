@@ -44,6 +44,7 @@ while [ $# -gt 0 ]; do
 done
 [ -x "$VENV/bin/flower-superlink" ] || { echo "deploy_local.sh: no Flower in $VENV (make setup)" >&2; exit 2; }
 export PATH="$VENV/bin:$PATH" PYTHONUNBUFFERED=1
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"  # ClientApp 0.2 s after its task (Flower: 1 s)
 [ -n "$WORK" ] || WORK="$(mktemp -d "${TMPDIR:-/tmp}/phalanx-deploy.XXXXXX")"
 mkdir -p "$WORK/logs" && WORK="$(cd "$WORK" && pwd)"
 export FLWR_HOME="$WORK/flwr-home"
