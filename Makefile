@@ -40,7 +40,7 @@ demo: setup
 	$(BIN)/phalanx bench configs/grid_demo.yaml --db results/demo.db --out results/demo
 
 test: setup chromium
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=30
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 
 clean:
 	rm -rf results .pytest_cache

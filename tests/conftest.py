@@ -28,6 +28,7 @@ def tiny_config():
 # the two deployments of test_deploy.py never run at once.
 SLOW_FIRST = ("integrations/test_deploy.py", "test_bench_ray.py", "test_benchmarks_fraud.py",
               "test_benchmarks_byzantine.py", "test_benchmarks_inversion.py", "test_benchmarks_privacy_utility.py",
+              "test_benchmarks_backdoor.py", "test_benchmarks_byzfl.py", "test_benchmarks_tune.py",
               "test_bench_claims.py", "test_layout.py", "test_checkpoint.py")
 
 
