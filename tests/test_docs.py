@@ -60,3 +60,11 @@ def test_design_names_every_module_of_the_package():
 def test_readme_links_the_design():
     readme = (ROOT / "README.md").read_text()
     assert "docs/design.md" in readme and "docs/extending.md" in readme
+
+
+def test_no_figure_is_left_as_a_placeholder():
+    """A timing or figure still to be measured (TOUR_CPU, DEMO_WALL, ...) never reaches the docs."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    left = {str(p.relative_to(ROOT)): sorted(set(re.findall(r"\b[A-Z]+_(?:TIME|CPU|WALL|LOAD)\b", p.read_text())))
+            for p in docs}
+    assert not {k: v for k, v in left.items() if v}, left
