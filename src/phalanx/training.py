@@ -300,11 +300,10 @@ def _vectorized_sgd(model, global_params, data, spec, gens, poisons, buffers, ke
                 grads, vals = step_fn(th, xb[a:b], yb[a:b], mb[a:b])
                 if spec.weight_decay:
                     grads = grads.add_(th, alpha=spec.weight_decay)
-                if rows is None:
-                    step = buf[sel].mul_(spec.momentum).add_(grads) if spec.momentum else grads
+                step = buf[sel].mul_(spec.momentum).add_(grads) if spec.momentum else grads
+                if rows is None:  # views: updated in place
                     th.sub_(step, alpha=spec.lr)
-                else:
-                    step = buf[sel].mul_(spec.momentum).add_(grads) if spec.momentum else grads
+                else:  # copies: written back
                     if spec.momentum:
                         buf[sel] = step
                     theta[sel] = th.sub_(step, alpha=spec.lr)
